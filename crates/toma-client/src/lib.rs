@@ -1,0 +1,2 @@
+//! The Toma datapath client: registration, RAID engines, topology switching
+#![forbid(unsafe_code)]

@@ -1,0 +1,204 @@
+//! What a client does for a lock unit (a chunk for RAID1, a stripe for RAID6) under one
+//! topology: where it locks, where it reads, where it writes, and which dirty bits it sets.
+//!
+//! Clients, agents, the model checker and the simulation all ask these functions; none keeps
+//! its own copy of the rules.
+
+use crate::topology::{LockMode, MemberIdx, Role, Topology};
+
+/// The member that unit `unit` locks on in Normal: `unit mod n`.
+pub fn home(t: &Topology, unit: u64) -> MemberIdx {
+    let n = t.n().max(1) as u64;
+    (unit % n) as usize
+}
+
+/// The readable member a unit locks on: its home when that is RWL, otherwise the next RWL
+/// member after it (cyclically). `None` when no member is RWL.
+pub fn interleaved_place(t: &Topology, unit: u64) -> Option<MemberIdx> {
+    let n = t.n();
+    let h = home(t, unit);
+    (0..n)
+        .map(|k| (h + k) % n)
+        .find(|&i| t.members[i].role == Role::Rwl)
+}
+
+/// The ordered lock set of `unit`: ascending member order, so two writers that need the same
+/// locks never deadlock. Empty when the volume has no readable member (Failed: writes wait).
+pub fn locks(t: &Topology, unit: u64) -> Vec<MemberIdx> {
+    let Some(place) = interleaved_place(t, unit) else {
+        return Vec::new();
+    };
+    let mut set = vec![place];
+    if t.lock_mode == LockMode::DualLock {
+        let h = home(t, unit);
+        if t.members[h].role == Role::Wl && h != place {
+            set.push(h);
+        }
+    }
+    set.sort_unstable();
+    set
+}
+
+/// The member a reader of `unit` reads from (RAID1) and whose lock it tests in the same round
+/// trip ("test after read, piggyback"). Always an RWL member; `None` when there is none.
+pub fn read_member(t: &Topology, unit: u64) -> Option<MemberIdx> {
+    interleaved_place(t, unit)
+}
+
+/// Every member a write of `unit` goes to: all members that are not DEAD. Empty when the
+/// volume is Failed (writes are held until it comes back).
+pub fn write_members(t: &Topology, unit: u64) -> Vec<MemberIdx> {
+    let _ = unit;
+    if t.count(Role::Rwl) < t.layout.min_readable() {
+        return Vec::new();
+    }
+    t.members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !m.role.is_dead())
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Dirty bits a write touches: on each of `holders` (in its TOMA's RAM), the bit of `unit`
+/// for each member in `targets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyMarks {
+    /// The members whose TOMAs keep the bitmaps: every RWL member, so that losing one more
+    /// server does not lose them.
+    pub holders: Vec<MemberIdx>,
+    /// The members the bits are about (one bitmap per target member, like DRBD's per-peer
+    /// bitmaps).
+    pub targets: Vec<MemberIdx>,
+}
+
+/// Dirty bits a write of `unit` must set *before* it is acknowledged: when some member is
+/// DEAD, the write misses it, so its bit goes on in every RWL member's TOMA.
+pub fn sets_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
+    let _ = unit;
+    let targets: Vec<_> = t.members_with(Role::Dead).collect();
+    if targets.is_empty() {
+        return None;
+    }
+    let holders: Vec<_> = t.members_with(Role::Rwl).collect();
+    if holders.is_empty() {
+        return None;
+    }
+    Some(DirtyMarks { holders, targets })
+}
+
+/// Dirty bits a write of `unit` may clear *after* it reached every member it writes: the bits
+/// about members being rebuilt (W), which it has just brought up to date.
+pub fn clears_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
+    let _ = unit;
+    let targets: Vec<_> = t.members_with(Role::W).collect();
+    if targets.is_empty() {
+        return None;
+    }
+    let holders: Vec<_> = t.members_with(Role::Rwl).collect();
+    if holders.is_empty() {
+        return None;
+    }
+    Some(DirtyMarks { holders, targets })
+}
+
+/// RAID6: the member holding data chunk `j` (0-based, `j < k`) of stripe `stripe`.
+/// Data and parity rotate by one member per stripe.
+pub fn raid6_data_member(t: &Topology, stripe: u64, j: usize) -> MemberIdx {
+    (home(t, stripe) + j) % t.n()
+}
+
+/// RAID6: the members holding P and Q of stripe `stripe`.
+pub fn raid6_parity_members(t: &Topology, stripe: u64) -> (MemberIdx, MemberIdx) {
+    let n = t.n();
+    let k = n.saturating_sub(2);
+    let h = home(t, stripe);
+    ((h + k) % n, (h + k + 1) % n)
+}
+
+/// How a RAID6 reader gets data chunk `j` of a stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Raid6Read {
+    /// Read the chunk from its own member.
+    Direct(MemberIdx),
+    /// Its member is not readable: read these k readable members and reconstruct.
+    Reconstruct(Vec<MemberIdx>),
+    /// Fewer than k members readable.
+    Unavailable,
+}
+
+pub fn raid6_read(t: &Topology, stripe: u64, j: usize) -> Raid6Read {
+    let m = raid6_data_member(t, stripe, j);
+    if t.members[m].role == Role::Rwl {
+        return Raid6Read::Direct(m);
+    }
+    let k = t.layout.min_readable();
+    let readable: Vec<_> = t.members_with(Role::Rwl).take(k).collect();
+    if readable.len() < k {
+        Raid6Read::Unavailable
+    } else {
+        Raid6Read::Reconstruct(readable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::tests::raid1;
+    use crate::topology::LockMode;
+
+    #[test]
+    fn normal_interleaves_locks_and_reads() {
+        let t = raid1(2);
+        assert_eq!(locks(&t, 0), vec![0]);
+        assert_eq!(locks(&t, 1), vec![1]);
+        assert_eq!(read_member(&t, 3), Some(1));
+        assert_eq!(write_members(&t, 3), vec![0, 1]);
+        assert_eq!(sets_dirty(&t, 3), None);
+    }
+
+    #[test]
+    fn degraded_locks_on_the_survivor_and_sets_dirty() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::Dead;
+        assert_eq!(locks(&t, 1), vec![0]);
+        assert_eq!(read_member(&t, 1), Some(0));
+        assert_eq!(write_members(&t, 1), vec![0]);
+        assert_eq!(
+            sets_dirty(&t, 1),
+            Some(DirtyMarks {
+                holders: vec![0],
+                targets: vec![1]
+            })
+        );
+    }
+
+    #[test]
+    fn three_mirrors_keep_surviving_lock_places() {
+        let mut t = raid1(3);
+        t.members[1].role = Role::Dead;
+        assert_eq!(locks(&t, 0), vec![0]);
+        assert_eq!(locks(&t, 1), vec![2]);
+        assert_eq!(locks(&t, 2), vec![2]);
+        assert_eq!(sets_dirty(&t, 0).unwrap().holders, vec![0, 2]);
+    }
+
+    #[test]
+    fn dual_lock_locks_old_place_then_home() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::Wl;
+        t.lock_mode = LockMode::DualLock;
+        assert_eq!(locks(&t, 1), vec![0, 1]);
+        assert_eq!(locks(&t, 0), vec![0]);
+        assert_eq!(read_member(&t, 1), Some(0));
+    }
+
+    #[test]
+    fn rebuild_clears_bits_of_the_w_member() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::W;
+        assert_eq!(write_members(&t, 0), vec![0, 1]);
+        assert_eq!(sets_dirty(&t, 0), None);
+        assert_eq!(clears_dirty(&t, 0).unwrap().targets, vec![1]);
+    }
+}

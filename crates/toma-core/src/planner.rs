@@ -1,0 +1,542 @@
+//! The leader's planner: from the current topology and what the leader knows, the next
+//! topology (generation g+1), or nothing.
+//!
+//! The leader only moves on when every live member's TOMA reports that all its clients
+//! acknowledged generation g — so at most two adjacent generations are ever in use.
+
+use std::collections::BTreeSet;
+
+use thiserror::Error;
+
+use crate::topology::{
+    DiskId, Generation, LockMode, MemberIdx, NodeId, Phase, Role, Topology, TopologyError,
+};
+
+/// What the leader knows about one member (indexed like `Topology::members`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MemberReport {
+    /// The node on which this member's disk is seen now (found by its UUID), or `None` when
+    /// it is gone: unplugged, its agent dead, or reported unreachable by a client.
+    pub present: Option<NodeId>,
+    /// The newest generation for which this member's TOMA reports that every client it has
+    /// registered acknowledged SWITCH_TOPO.
+    pub synced: Generation,
+    /// This member's TOMA lost its RAM dirty bits (it restarted) since the volume went
+    /// degraded: a rebuild that relies on them must be full.
+    pub dirty_bits_lost: bool,
+}
+
+impl MemberReport {
+    pub fn up(node: impl Into<NodeId>, synced: Generation) -> Self {
+        MemberReport {
+            present: Some(node.into()),
+            synced,
+            dirty_bits_lost: false,
+        }
+    }
+    pub fn gone(synced: Generation) -> Self {
+        MemberReport {
+            present: None,
+            synced,
+            dirty_bits_lost: false,
+        }
+    }
+}
+
+/// A NEW disk the leader offers in place of a member that has been DEAD for longer than its
+/// grace period (measured on the leader's own monotonic clock, outside this crate).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Replacement {
+    pub member: MemberIdx,
+    pub disk: DiskId,
+    pub node: NodeId,
+}
+
+/// Everything the planner looks at besides the topology.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Knowledge {
+    pub members: Vec<MemberReport>,
+    /// The generation under which the rebuilder reported one complete cycle (every dirty unit
+    /// copied and cleared).
+    pub rebuild_done: Option<Generation>,
+    pub replacement: Option<Replacement>,
+}
+
+/// The planner was given something it cannot plan from.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PlanError {
+    #[error("invalid current topology: {0}")]
+    Topology(#[from] TopologyError),
+    #[error("knowledge.members has {got} reports, the topology has {want} members")]
+    ReportCount { got: usize, want: usize },
+    #[error("knowledge.replacement.member = {got}: out of range (0..{n})")]
+    ReplacementMember { got: usize, n: usize },
+}
+
+/// Why the planner returned no new topology (for status and logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// Member `member`'s TOMA has not yet synced its clients to the current generation.
+    Sync { member: MemberIdx, synced: Generation },
+    /// Rebuilding: the rebuild cycle has not finished.
+    Rebuild,
+    /// Degraded or Failed with nothing to bring back.
+    NothingToRestore,
+    /// Normal: nothing to do.
+    Stable,
+}
+
+/// The result of one planning step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Next(Topology),
+    Wait(Wait),
+}
+
+impl Plan {
+    pub fn next(self) -> Option<Topology> {
+        match self {
+            Plan::Next(t) => Some(t),
+            Plan::Wait(_) => None,
+        }
+    }
+}
+
+/// Deliberate bugs, used only to prove that the model checker and the simulation catch them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mutations {
+    /// Rebuilding goes straight to Normal, skipping DualLock.
+    pub skip_dual_lock: bool,
+    /// The leader moves to g+1 before every member synced g.
+    pub early_advance: bool,
+}
+
+/// One planning step without mutations.
+pub fn plan(t: &Topology, k: &Knowledge) -> Result<Plan, PlanError> {
+    plan_with(t, k, Mutations::default())
+}
+
+/// One planning step. Never panics: invalid input is an error.
+pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan, PlanError> {
+    t.validate()?;
+    if k.members.len() != t.n() {
+        return Err(PlanError::ReportCount {
+            got: k.members.len(),
+            want: t.n(),
+        });
+    }
+    if let Some(r) = &k.replacement {
+        if r.member >= t.n() {
+            return Err(PlanError::ReplacementMember {
+                got: r.member,
+                n: t.n(),
+            });
+        }
+    }
+    let g = t.generation;
+    let Some(next_gen) = g.checked_add(1) else {
+        return Ok(Plan::Wait(Wait::Stable));
+    };
+
+    // A member is lost when its disk is gone, or shows up on another node than the one it
+    // serves from (it moved: its TOMA, locks and dirty bits are not the ones clients use).
+    let lost: BTreeSet<MemberIdx> = t
+        .members
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| {
+            !m.role.is_dead() && k.members[*i].present.as_ref() != Some(&m.node)
+        })
+        .map(|(i, _)| i)
+        .collect();
+
+    // Every live member that is still here must have synced its clients to g.
+    if !mutate.early_advance {
+        for (i, m) in t.members.iter().enumerate() {
+            if m.role.is_dead() || lost.contains(&i) {
+                continue;
+            }
+            if k.members[i].synced < g {
+                return Ok(Plan::Wait(Wait::Sync {
+                    member: i,
+                    synced: k.members[i].synced,
+                }));
+            }
+        }
+    }
+
+    let mut next = t.clone();
+    next.generation = next_gen;
+
+    if !lost.is_empty() {
+        forced_failure(&mut next, &lost);
+        normalize(&mut next);
+        return Ok(Plan::Next(next));
+    }
+
+    match t.phase() {
+        Phase::Normal => Ok(Plan::Wait(Wait::Stable)),
+        Phase::Failed => {
+            // Only the members that held every acknowledged write may bring it back, all of
+            // them together (for RAID6 the last readable set).
+            let good: Vec<_> = t
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.last_good)
+                .map(|(i, _)| i)
+                .collect();
+            let back = !good.is_empty()
+                && good
+                    .iter()
+                    .all(|&i| k.members[i].present.as_ref() == Some(&t.members[i].node));
+            if !back || good.len() < t.layout.min_readable() {
+                return Ok(Plan::Wait(Wait::NothingToRestore));
+            }
+            for m in next.members.iter_mut() {
+                if m.last_good {
+                    m.role = Role::Rwl;
+                    m.last_good = false;
+                    m.full_rebuild = false;
+                } else {
+                    // What it missed while the volume was failed is unknown: copy it all.
+                    m.full_rebuild = true;
+                }
+            }
+            normalize(&mut next);
+            Ok(Plan::Next(next))
+        }
+        Phase::Degraded => {
+            let any_bits_lost = t
+                .members
+                .iter()
+                .enumerate()
+                .any(|(i, m)| m.role == Role::Rwl && k.members[i].dirty_bits_lost);
+            let mut changed = false;
+            // Returning disks (same UUID, same or another node) come back as W, together.
+            for i in 0..t.n() {
+                if !t.members[i].role.is_dead() {
+                    continue;
+                }
+                let Some(node) = &k.members[i].present else {
+                    continue;
+                };
+                if node_taken(&next, i, node) {
+                    continue;
+                }
+                let m = &mut next.members[i];
+                m.node = node.clone();
+                m.role = Role::W;
+                m.full_rebuild |= any_bits_lost;
+                m.last_good = false;
+                changed = true;
+            }
+            // Otherwise a NEW disk may replace a DEAD member: everything is dirty.
+            if !changed {
+                if let Some(r) = &k.replacement {
+                    let free = t.members[r.member].role.is_dead()
+                        && !node_taken(&next, r.member, &r.node)
+                        && !t.members.iter().any(|m| m.disk == r.disk);
+                    if free {
+                        let m = &mut next.members[r.member];
+                        m.disk = r.disk;
+                        m.node = r.node.clone();
+                        m.role = Role::W;
+                        m.full_rebuild = true;
+                        m.last_good = false;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return Ok(Plan::Wait(Wait::NothingToRestore));
+            }
+            normalize(&mut next);
+            Ok(Plan::Next(next))
+        }
+        Phase::RebuildInit => {
+            next.rebuild = true;
+            Ok(Plan::Next(next))
+        }
+        Phase::Rebuilding => {
+            if k.rebuild_done != Some(g) {
+                return Ok(Plan::Wait(Wait::Rebuild));
+            }
+            let to = if mutate.skip_dual_lock {
+                Role::Rwl
+            } else {
+                Role::Wl
+            };
+            for m in next.members.iter_mut() {
+                if m.role == Role::W {
+                    m.role = to;
+                    m.full_rebuild = false;
+                }
+            }
+            next.rebuild = false;
+            normalize(&mut next);
+            Ok(Plan::Next(next))
+        }
+        Phase::DualLock => {
+            for m in next.members.iter_mut() {
+                if m.role == Role::Wl {
+                    m.role = Role::Rwl;
+                }
+            }
+            normalize(&mut next);
+            Ok(Plan::Next(next))
+        }
+    }
+}
+
+/// True when a member other than `idx` already sits on `node`.
+fn node_taken(t: &Topology, idx: MemberIdx, node: &NodeId) -> bool {
+    t.members
+        .iter()
+        .enumerate()
+        .any(|(j, m)| j != idx && &m.node == node)
+}
+
+/// Marks `lost` DEAD and keeps the volume serving if it can.
+fn forced_failure(next: &mut Topology, lost: &BTreeSet<MemberIdx>) {
+    let lost_readable = lost.iter().any(|&i| next.members[i].role == Role::Rwl);
+    let was_readable: Vec<MemberIdx> = next.members_with(Role::Rwl).collect();
+    for &i in lost {
+        next.members[i].role = Role::Dead;
+        next.members[i].last_good = false;
+    }
+    if lost_readable {
+        // The bitmaps about other DEAD members lived (also) on the lost one: what the
+        // survivors hold may be incomplete, so those members are rebuilt in full.
+        for (i, m) in next.members.iter_mut().enumerate() {
+            if m.role.is_dead() && !lost.contains(&i) {
+                m.full_rebuild = true;
+            }
+        }
+    }
+    let readable = next.count(Role::Rwl);
+    if readable < next.layout.min_readable() {
+        // A WL member is fully rebuilt and written by every write since: it can be read.
+        for m in next.members.iter_mut() {
+            if m.role == Role::Wl {
+                m.role = Role::Rwl;
+            }
+        }
+    }
+    if next.count(Role::Rwl) < next.layout.min_readable() {
+        // Failed. Those that were readable until now hold every acknowledged write.
+        for (i, m) in next.members.iter_mut().enumerate() {
+            if m.role == Role::W {
+                m.role = Role::Dead;
+                m.full_rebuild = true;
+            }
+            m.last_good = was_readable.contains(&i) || m.role == Role::Rwl;
+            if m.last_good {
+                m.role = Role::Dead;
+            }
+        }
+    }
+}
+
+/// Restores the derived fields: lock mode from the roles, rebuild flag only with W members.
+fn normalize(t: &mut Topology) {
+    t.lock_mode = if t.count(Role::Wl) > 0 {
+        LockMode::DualLock
+    } else {
+        LockMode::Interleaved
+    };
+    if t.count(Role::W) == 0 {
+        t.rebuild = false;
+    }
+}
+
+/// Reports in which every member is present where the topology says and synced to `g`.
+pub fn all_synced(t: &Topology) -> Knowledge {
+    Knowledge {
+        members: t
+            .members
+            .iter()
+            .map(|m| MemberReport::up(m.node.clone(), t.generation))
+            .collect(),
+        rebuild_done: None,
+        replacement: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adjacent::check_adjacent;
+    use crate::topology::tests::raid1;
+
+    fn step(t: &Topology, k: &Knowledge) -> Topology {
+        let n = plan(t, k).unwrap().next().expect("a next topology");
+        check_adjacent(t, &n).unwrap();
+        n
+    }
+
+    #[test]
+    fn raid1_full_life_cycle() {
+        let t0 = raid1(2);
+        let mut k = all_synced(&t0);
+        assert_eq!(plan(&t0, &k).unwrap(), Plan::Wait(Wait::Stable));
+        k.members[1].present = None;
+        let t1 = step(&t0, &k);
+        assert_eq!(t1.phase(), Phase::Degraded);
+        assert_eq!(t1.generation, 2);
+        // Not synced yet: wait.
+        assert!(matches!(
+            plan(&t1, &k).unwrap(),
+            Plan::Wait(Wait::Sync { member: 0, .. })
+        ));
+        let mut k = all_synced(&t1);
+        k.members[1].present = None;
+        assert_eq!(plan(&t1, &k).unwrap(), Plan::Wait(Wait::NothingToRestore));
+        // The disk returns, on another node.
+        k.members[1].present = Some("node9".into());
+        let t2 = step(&t1, &k);
+        assert_eq!(t2.phase(), Phase::RebuildInit);
+        assert_eq!(t2.members[1].node, NodeId::from("node9"));
+        assert!(!t2.members[1].full_rebuild);
+        let k = all_synced(&t2);
+        let t3 = step(&t2, &k);
+        assert_eq!(t3.phase(), Phase::Rebuilding);
+        let mut k = all_synced(&t3);
+        assert_eq!(plan(&t3, &k).unwrap(), Plan::Wait(Wait::Rebuild));
+        k.rebuild_done = Some(t2.generation);
+        assert_eq!(plan(&t3, &k).unwrap(), Plan::Wait(Wait::Rebuild));
+        k.rebuild_done = Some(t3.generation);
+        let t4 = step(&t3, &k);
+        assert_eq!(t4.phase(), Phase::DualLock);
+        let t5 = step(&t4, &all_synced(&t4));
+        assert_eq!(t5.phase(), Phase::Normal);
+        assert_eq!(t5.generation, 6);
+    }
+
+    #[test]
+    fn new_disk_replaces_dead_member_with_full_rebuild() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::Dead;
+        let mut k = all_synced(&t);
+        k.members[1].present = None;
+        k.replacement = Some(Replacement {
+            member: 1,
+            disk: DiskId(99),
+            node: "node5".into(),
+        });
+        let n = step(&t, &k);
+        assert_eq!(n.members[1].disk, DiskId(99));
+        assert_eq!(n.members[1].role, Role::W);
+        assert!(n.members[1].full_rebuild);
+    }
+
+    #[test]
+    fn lost_dirty_bits_make_the_rebuild_full() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::Dead;
+        let mut k = all_synced(&t);
+        k.members[0].dirty_bits_lost = true;
+        let n = step(&t, &k);
+        assert!(n.members[1].full_rebuild);
+    }
+
+    #[test]
+    fn failure_of_the_member_being_rebuilt() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::W;
+        t.rebuild = true;
+        let mut k = all_synced(&t);
+        k.members[1].present = None;
+        let n = step(&t, &k);
+        assert_eq!(n.phase(), Phase::Degraded);
+        assert!(!n.rebuild);
+    }
+
+    #[test]
+    fn second_failure_during_rebuild_fails_a_two_mirror_volume_and_it_comes_back() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::W;
+        t.rebuild = true;
+        let mut k = all_synced(&t);
+        k.members[0].present = None;
+        let f = step(&t, &k);
+        assert_eq!(f.phase(), Phase::Failed);
+        assert!(f.members[0].last_good);
+        assert!(!f.members[1].last_good);
+        // Member 1 alone cannot bring it back.
+        let mut k = all_synced(&f);
+        k.members[0].present = None;
+        assert_eq!(plan(&f, &k).unwrap(), Plan::Wait(Wait::NothingToRestore));
+        let k = all_synced(&f);
+        let d = step(&f, &k);
+        assert_eq!(d.phase(), Phase::Degraded);
+        assert_eq!(d.members[0].role, Role::Rwl);
+        assert!(d.members[1].full_rebuild);
+    }
+
+    #[test]
+    fn second_failure_during_rebuild_with_three_mirrors_keeps_serving() {
+        let mut t = raid1(3);
+        t.members[2].role = Role::W;
+        t.rebuild = true;
+        let mut k = all_synced(&t);
+        k.members[0].present = None;
+        let n = step(&t, &k);
+        assert_eq!(n.phase(), Phase::Rebuilding);
+        assert_eq!(n.members[1].role, Role::Rwl);
+        // Member 1 kept its own copy of the bits about member 2: the rebuild goes on.
+        assert!(n.members[0].role.is_dead());
+        assert!(!n.members[2].full_rebuild);
+    }
+
+    #[test]
+    fn dual_lock_survivor_loss_promotes_the_rebuilt_member() {
+        let mut t = raid1(2);
+        t.members[1].role = Role::Wl;
+        t.lock_mode = LockMode::DualLock;
+        let mut k = all_synced(&t);
+        k.members[0].present = None;
+        let n = step(&t, &k);
+        assert_eq!(n.members[1].role, Role::Rwl);
+        assert_eq!(n.phase(), Phase::Degraded);
+    }
+
+    #[test]
+    fn bad_knowledge_is_an_error_not_a_panic() {
+        let t = raid1(2);
+        let mut k = all_synced(&t);
+        k.members.pop();
+        assert!(plan(&t, &k).unwrap_err().to_string().contains("knowledge.members"));
+        let mut k = all_synced(&t);
+        k.replacement = Some(Replacement {
+            member: 7,
+            disk: DiskId(1),
+            node: "x".into(),
+        });
+        assert!(plan(&t, &k).is_err());
+    }
+
+    #[test]
+    fn raid6_two_dead_rebuild_together() {
+        use crate::layout::Layout;
+        use crate::topology::{tests::disks, VolumeId};
+        let t = Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6))
+            .unwrap();
+        let mut k = all_synced(&t);
+        k.members[1].present = None;
+        k.members[4].present = None;
+        let d = step(&t, &k);
+        assert_eq!(d.phase(), Phase::Degraded);
+        let k = all_synced(&d);
+        let mut kk = k.clone();
+        kk.members[1].present = Some(d.members[1].node.clone());
+        kk.members[4].present = Some(d.members[4].node.clone());
+        let r = step(&d, &kk);
+        assert_eq!(r.count(Role::W), 2);
+        // A third loss fails the volume.
+        let mut k3 = all_synced(&d);
+        k3.members[0].present = None;
+        let f = step(&d, &k3);
+        assert_eq!(f.phase(), Phase::Failed);
+    }
+}

@@ -1,0 +1,2 @@
+//! A stateright model of Toma's operational protocol
+#![forbid(unsafe_code)]

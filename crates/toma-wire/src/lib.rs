@@ -1,0 +1,2 @@
+//! Toma's datapath and control message formats
+#![forbid(unsafe_code)]

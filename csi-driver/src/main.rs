@@ -1,0 +1,6 @@
+//! The Toma CSI driver
+#![forbid(unsafe_code)]
+
+fn main() {
+    println!("toma-csi {}", env!("CARGO_PKG_VERSION"));
+}
