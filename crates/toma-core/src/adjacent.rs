@@ -138,8 +138,8 @@ pub fn check_adjacent(a: &Topology, b: &Topology) -> Result<(), Violation> {
         let wa = write_members(a, c);
         let wb = write_members(b, c);
         // A writer of `a` that touches a newly dead member cannot complete under `a`.
-        let a_writer_live = !la.is_empty()
-            && !la.iter().chain(wa.iter()).any(|m| newly_dead.contains(m));
+        let a_writer_live =
+            !la.is_empty() && !la.iter().chain(wa.iter()).any(|m| newly_dead.contains(m));
         let b_writer_live = !lb.is_empty();
 
         for (t, w, who) in [(a, &wa, "T(g)"), (b, &wb, "T(g+1)")] {
@@ -158,7 +158,9 @@ pub fn check_adjacent(a: &Topology, b: &Topology) -> Result<(), Violation> {
         }
 
         // Rule 1.
-        if a_writer_live && b_writer_live && !la.iter().any(|m| lb.contains(m) && alive_both.contains(m))
+        if a_writer_live
+            && b_writer_live
+            && !la.iter().any(|m| lb.contains(m) && alive_both.contains(m))
         {
             return Err(Violation {
                 rule: Rule::LockIntersection,
@@ -267,7 +269,10 @@ mod tests {
         assert_eq!(v.rule, Rule::LockIntersection);
         assert_eq!(v.chunk, Some(1));
         let s = v.to_string();
-        assert!(s.contains("rule 1 (lock intersection) violated at chunk 1"), "{s}");
+        assert!(
+            s.contains("rule 1 (lock intersection) violated at chunk 1"),
+            "{s}"
+        );
         assert!(s.contains("m0") && s.contains("m1"), "{s}");
     }
 
@@ -287,7 +292,10 @@ mod tests {
         let mut a = raid1(2);
         a.members[1].role = Role::Dead;
         let b = next(&a, |b| b.members[1].role = Role::Rwl);
-        assert_eq!(check_adjacent(&a, &b).unwrap_err().rule, Rule::DeadStaysDead);
+        assert_eq!(
+            check_adjacent(&a, &b).unwrap_err().rule,
+            Rule::DeadStaysDead
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub enum LayoutError {
     Raid6Data { got: u8 },
     #[error("chunkSize = {got}: must be a power of two between {MIN_CHUNK_SIZE} (4 KiB) and {MAX_CHUNK_SIZE} (16 MiB)")]
     ChunkSize { got: u64 },
-    #[error("size = {got}: a volume's size must be a positive multiple of its lock unit ({unit} bytes)")]
+    #[error(
+        "size = {got}: a volume's size must be a positive multiple of its lock unit ({unit} bytes)"
+    )]
     Size { got: u64, unit: u64 },
 }
 
@@ -135,7 +137,7 @@ impl VolumeSpec {
         let layout = layout.validate()?;
         let chunk_size = validate_chunk_size(chunk_size)?;
         let unit = u64::from(chunk_size) * layout.data_chunks_per_unit();
-        if size == 0 || size % unit != 0 {
+        if size == 0 || !size.is_multiple_of(unit) {
             return Err(LayoutError::Size { got: size, unit });
         }
         Ok(VolumeSpec {

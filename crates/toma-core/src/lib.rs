@@ -20,6 +20,6 @@ pub use planner::{
     plan, plan_with, Knowledge, MemberReport, Mutations, Plan, PlanError, Replacement, Wait,
 };
 pub use topology::{
-    DiskId, Generation, LockMode, Member, MemberIdx, NodeId, Phase, Role, Topology,
-    TopologyError, VolumeId,
+    DiskId, Generation, LockMode, Member, MemberIdx, NodeId, Phase, Role, Topology, TopologyError,
+    VolumeId,
 };

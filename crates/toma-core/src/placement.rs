@@ -15,24 +15,34 @@ pub fn home(t: &Topology, unit: u64) -> MemberIdx {
 /// The readable member a unit locks on: its home when that is RWL, otherwise the next RWL
 /// member after it (cyclically). `None` when no member is RWL.
 pub fn interleaved_place(t: &Topology, unit: u64) -> Option<MemberIdx> {
+    place_among(t, unit, |r| r == Role::Rwl)
+}
+
+/// The first member from `unit`'s home on (cyclically) whose role passes `lockable`.
+fn place_among(t: &Topology, unit: u64, lockable: impl Fn(Role) -> bool) -> Option<MemberIdx> {
     let n = t.n();
     let h = home(t, unit);
     (0..n)
         .map(|k| (h + k) % n)
-        .find(|&i| t.members[i].role == Role::Rwl)
+        .find(|&i| lockable(t.members[i].role))
 }
 
 /// The ordered lock set of `unit`: ascending member order, so two writers that need the same
 /// locks never deadlock. Empty when the volume has no readable member (Failed: writes wait).
+///
+/// In DualLock a writer locks both the place of the topology before (WL members not
+/// lockable) and the place of the topology after (WL members as good as RWL), so it meets
+/// the writers of either neighbour.
 pub fn locks(t: &Topology, unit: u64) -> Vec<MemberIdx> {
     let Some(place) = interleaved_place(t, unit) else {
         return Vec::new();
     };
     let mut set = vec![place];
     if t.lock_mode == LockMode::DualLock {
-        let h = home(t, unit);
-        if t.members[h].role == Role::Wl && h != place {
-            set.push(h);
+        if let Some(after) = place_among(t, unit, |r| matches!(r, Role::Rwl | Role::Wl)) {
+            if after != place {
+                set.push(after);
+            }
         }
     }
     set.sort_unstable();
@@ -191,6 +201,20 @@ mod tests {
         assert_eq!(locks(&t, 1), vec![0, 1]);
         assert_eq!(locks(&t, 0), vec![0]);
         assert_eq!(read_member(&t, 1), Some(0));
+    }
+
+    #[test]
+    fn dual_lock_with_another_dead_member_locks_before_and_after_places() {
+        // RAID1x3: m2 DEAD, m1 rebuilt (WL). Chunk 1's home is m1: before, it locked on m0
+        // (next RWL after m1... m2 is DEAD, so m0); after, it locks on m1 itself.
+        let mut t = raid1(3);
+        t.members[1].role = Role::Wl;
+        t.members[2].role = Role::Dead;
+        t.lock_mode = LockMode::DualLock;
+        assert_eq!(locks(&t, 1), vec![0, 1]);
+        // Chunk 2's home is DEAD m2: before, the next RWL is m0; after, WL m1 is skipped
+        // since m0 comes first from m2 on.
+        assert_eq!(locks(&t, 2), vec![0]);
     }
 
     #[test]

@@ -77,7 +77,10 @@ pub enum PlanError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
     /// Member `member`'s TOMA has not yet synced its clients to the current generation.
-    Sync { member: MemberIdx, synced: Generation },
+    Sync {
+        member: MemberIdx,
+        synced: Generation,
+    },
     /// Rebuilding: the rebuild cycle has not finished.
     Rebuild,
     /// Degraded or Failed with nothing to bring back.
@@ -144,9 +147,7 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
         .members
         .iter()
         .enumerate()
-        .filter(|(i, m)| {
-            !m.role.is_dead() && k.members[*i].present.as_ref() != Some(&m.node)
-        })
+        .filter(|(i, m)| !m.role.is_dead() && k.members[*i].present.as_ref() != Some(&m.node))
         .map(|(i, _)| i)
         .collect();
 
@@ -506,7 +507,10 @@ mod tests {
         let t = raid1(2);
         let mut k = all_synced(&t);
         k.members.pop();
-        assert!(plan(&t, &k).unwrap_err().to_string().contains("knowledge.members"));
+        assert!(plan(&t, &k)
+            .unwrap_err()
+            .to_string()
+            .contains("knowledge.members"));
         let mut k = all_synced(&t);
         k.replacement = Some(Replacement {
             member: 7,
@@ -520,8 +524,8 @@ mod tests {
     fn raid6_two_dead_rebuild_together() {
         use crate::layout::Layout;
         use crate::topology::{tests::disks, VolumeId};
-        let t = Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6))
-            .unwrap();
+        let t =
+            Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6)).unwrap();
         let mut k = all_synced(&t);
         k.members[1].present = None;
         k.members[4].present = None;

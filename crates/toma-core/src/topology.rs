@@ -196,7 +196,9 @@ pub enum TopologyError {
         role: Role,
         why: &'static str,
     },
-    #[error("members[{idx}].lastGood = true but its role is {role}: only DEAD members can be last-good")]
+    #[error(
+        "members[{idx}].lastGood = true but its role is {role}: only DEAD members can be last-good"
+    )]
     LastGood { idx: usize, role: Role },
 }
 
@@ -432,8 +434,7 @@ pub(crate) mod tests {
     fn two_members_on_one_node_are_refused() {
         let mut d = disks(2);
         d[1].1 = d[0].1.clone();
-        let e =
-            Topology::new_normal(VolumeId(1), Layout::raid1(2).unwrap(), 65536, d).unwrap_err();
+        let e = Topology::new_normal(VolumeId(1), Layout::raid1(2).unwrap(), 65536, d).unwrap_err();
         assert!(e.to_string().contains("members[0] and members[1]"), "{e}");
         assert!(e.to_string().contains("node0"), "{e}");
     }

@@ -38,13 +38,18 @@ fn sources_use_no_io_async_or_clock() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut hits = Vec::new();
     scan(&src, &mut hits);
-    assert!(hits.is_empty(), "toma-core must stay pure:\n{}", hits.join("\n"));
+    assert!(
+        hits.is_empty(),
+        "toma-core must stay pure:\n{}",
+        hits.join("\n")
+    );
 }
 
 #[test]
 fn manifest_has_only_pure_dependencies() {
-    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .expect("read Cargo.toml");
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .expect("read Cargo.toml");
     let deps = manifest
         .split("[dependencies]")
         .nth(1)
@@ -60,6 +65,9 @@ fn manifest_has_only_pure_dependencies() {
         .collect();
     let allowed = ["thiserror"];
     for n in &names {
-        assert!(allowed.contains(n), "toma-core depends on {n}; only {allowed:?} are allowed");
+        assert!(
+            allowed.contains(n),
+            "toma-core depends on {n}; only {allowed:?} are allowed"
+        );
     }
 }
