@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adjacent;
+pub mod allocate;
 pub mod layout;
 pub mod placement;
 pub mod planner;

@@ -1,0 +1,226 @@
+//! The in-process control plane used by `toma demo`, tests and the simulation.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use toma_core::{check_adjacent, DiskId, NodeId, Topology, VolumeId};
+
+use crate::api::{ControlPlane, CpError, CpResult};
+use crate::records::{
+    DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned, VolumeRecord,
+};
+
+#[derive(Default)]
+struct State {
+    version: Version,
+    epoch: Epoch,
+    volumes: BTreeMap<VolumeId, Versioned<VolumeRecord>>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    disks: BTreeMap<DiskId, DiskRecord>,
+    statuses: BTreeMap<(VolumeId, DiskId), MemberStatus>,
+    unreachable: BTreeMap<(VolumeId, DiskId), Unreachable>,
+}
+
+/// An in-memory store with the same compare-and-swap and epoch rules as the Kubernetes one.
+pub struct EmbeddedControlPlane {
+    state: Mutex<State>,
+    tx: watch::Sender<u64>,
+}
+
+impl Default for EmbeddedControlPlane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmbeddedControlPlane {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(0);
+        EmbeddedControlPlane {
+            state: Mutex::new(State::default()),
+            tx,
+        }
+    }
+
+    fn bump(&self, st: &mut State) -> Version {
+        st.version += 1;
+        let v = st.version;
+        self.tx.send_replace(v);
+        v
+    }
+}
+
+#[async_trait]
+impl ControlPlane for EmbeddedControlPlane {
+    async fn volumes(&self) -> CpResult<Vec<Versioned<VolumeRecord>>> {
+        Ok(self.state.lock().volumes.values().cloned().collect())
+    }
+
+    async fn volume(&self, id: VolumeId) -> CpResult<Option<Versioned<VolumeRecord>>> {
+        Ok(self.state.lock().volumes.get(&id).cloned())
+    }
+
+    async fn create_volume(&self, rec: VolumeRecord) -> CpResult<Version> {
+        rec.topology
+            .validate()
+            .map_err(|e| CpError::Rejected(format!("volume {}: {e}", rec.name)))?;
+        let mut st = self.state.lock();
+        if st.volumes.contains_key(&rec.id) || st.volumes.values().any(|v| v.value.name == rec.name)
+        {
+            return Err(CpError::Exists(rec.name));
+        }
+        let version = self.bump(&mut st);
+        st.volumes.insert(
+            rec.id,
+            Versioned {
+                value: rec,
+                version,
+            },
+        );
+        Ok(version)
+    }
+
+    async fn delete_volume(&self, id: VolumeId) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if st.volumes.remove(&id).is_none() {
+            return Err(CpError::NoVolume(id));
+        }
+        st.statuses.retain(|(v, _), _| *v != id);
+        st.unreachable.retain(|(v, _), _| *v != id);
+        self.bump(&mut st);
+        Ok(())
+    }
+
+    async fn cas_topology(
+        &self,
+        id: VolumeId,
+        expected: Version,
+        epoch: Epoch,
+        topology: Topology,
+    ) -> CpResult<Version> {
+        let mut st = self.state.lock();
+        if epoch != st.epoch {
+            return Err(CpError::Deposed {
+                mine: epoch,
+                current: st.epoch,
+            });
+        }
+        let Some(cur) = st.volumes.get(&id) else {
+            return Err(CpError::NoVolume(id));
+        };
+        if cur.version != expected {
+            return Err(CpError::Conflict {
+                volume: id,
+                expected,
+                actual: cur.version,
+            });
+        }
+        check_adjacent(&cur.value.topology, &topology)
+            .map_err(|v| CpError::Rejected(format!("volume {id}: {v}")))?;
+        let version = self.bump(&mut st);
+        if let Some(cur) = st.volumes.get_mut(&id) {
+            cur.value.topology = topology;
+            cur.version = version;
+        }
+        Ok(version)
+    }
+
+    async fn acquire_leadership(&self, _holder: &str) -> CpResult<Epoch> {
+        let mut st = self.state.lock();
+        st.epoch += 1;
+        let e = st.epoch;
+        self.bump(&mut st);
+        Ok(e)
+    }
+
+    async fn nodes(&self) -> CpResult<Vec<NodeRecord>> {
+        Ok(self.state.lock().nodes.values().cloned().collect())
+    }
+
+    async fn put_node(&self, rec: NodeRecord) -> CpResult<()> {
+        let mut st = self.state.lock();
+        st.nodes.insert(rec.node.clone(), rec);
+        self.bump(&mut st);
+        Ok(())
+    }
+
+    async fn disks(&self) -> CpResult<Vec<DiskRecord>> {
+        Ok(self.state.lock().disks.values().cloned().collect())
+    }
+
+    async fn put_disk(&self, rec: DiskRecord) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if st.disks.get(&rec.disk) != Some(&rec) {
+            st.disks.insert(rec.disk, rec);
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    async fn remove_disk(&self, disk: DiskId) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if st.disks.remove(&disk).is_some() {
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    async fn member_statuses(&self, volume: VolumeId) -> CpResult<Vec<MemberStatus>> {
+        Ok(self
+            .state
+            .lock()
+            .statuses
+            .range((volume, DiskId(0))..=(volume, DiskId(u128::MAX)))
+            .map(|(_, s)| s.clone())
+            .collect())
+    }
+
+    async fn put_member_status(&self, status: MemberStatus) -> CpResult<()> {
+        let mut st = self.state.lock();
+        let key = (status.volume, status.disk);
+        if st.statuses.get(&key) != Some(&status) {
+            st.statuses.insert(key, status);
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    async fn report_unreachable(&self, report: Unreachable) -> CpResult<()> {
+        let mut st = self.state.lock();
+        let key = (report.volume, report.disk);
+        let newer = st
+            .unreachable
+            .get(&key)
+            .is_none_or(|r| r.generation < report.generation);
+        if newer {
+            st.unreachable.insert(key, report);
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    async fn unreachable(&self, volume: VolumeId) -> CpResult<Vec<Unreachable>> {
+        Ok(self
+            .state
+            .lock()
+            .unreachable
+            .values()
+            .filter(|u| u.volume == volume)
+            .cloned()
+            .collect())
+    }
+
+    async fn clear_unreachable(&self, volume: VolumeId, disk: DiskId) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if st.unreachable.remove(&(volume, disk)).is_some() {
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+}

@@ -1,0 +1,302 @@
+//! The leader loop: for every volume, gather what the leader knows, ask `toma_core::plan`
+//! for the next topology, and write it with a compare-and-swap that carries the leader's
+//! epoch. The same loop runs embedded (`toma demo`) and in the operator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toma_core::allocate::{choose_disks, Candidate};
+use toma_core::{
+    plan_with, DiskId, Knowledge, MemberReport, Mutations, NodeId, Plan, Replacement, Role,
+    Topology, VolumeId,
+};
+use tracing::{debug, info, warn};
+
+use crate::api::{ControlPlane, CpError, CpResult};
+use crate::clock::Clock;
+use crate::records::{Epoch, RebuildProgress};
+
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    /// Name written with the leadership (a pod name in Kubernetes).
+    pub name: String,
+    /// A node whose heartbeat counter has not changed for this long (on the leader's own
+    /// monotonic clock) is considered gone, with all its disks.
+    pub node_timeout: Duration,
+    /// A member DEAD for this long (leader's clock) is replaced by a NEW disk, if one fits.
+    pub replace_after: Duration,
+    /// Deliberate bugs, for proving the checkers can fail. Default: none.
+    pub mutations: Mutations,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        LeaderConfig {
+            name: "leader".into(),
+            node_timeout: Duration::from_secs(10),
+            replace_after: Duration::from_secs(600),
+            mutations: Mutations::default(),
+        }
+    }
+}
+
+/// One topology change the leader made.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub volume: VolumeId,
+    pub name: String,
+    pub from: Topology,
+    pub to: Topology,
+}
+
+/// Rebuild progress of a volume, for status displays.
+#[derive(Debug, Clone)]
+pub struct VolumeView {
+    pub name: String,
+    pub topology: Topology,
+    pub rebuild: Option<RebuildProgress>,
+}
+
+struct Seen {
+    heartbeat: u64,
+    boot: u64,
+    at: Duration,
+}
+
+pub struct Leader {
+    cp: Arc<dyn ControlPlane>,
+    clock: Arc<dyn Clock>,
+    cfg: LeaderConfig,
+    epoch: Option<Epoch>,
+    seen: BTreeMap<NodeId, Seen>,
+    dead_since: BTreeMap<(VolumeId, usize, DiskId), Duration>,
+}
+
+impl Leader {
+    pub fn new(cp: Arc<dyn ControlPlane>, clock: Arc<dyn Clock>, cfg: LeaderConfig) -> Self {
+        Leader {
+            cp,
+            clock,
+            cfg,
+            epoch: None,
+            seen: BTreeMap::new(),
+            dead_since: BTreeMap::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> Option<Epoch> {
+        self.epoch
+    }
+
+    /// Nodes whose agents have reported recently, judged on this leader's clock only.
+    fn live_nodes(&mut self, nodes: &[crate::records::NodeRecord]) -> BTreeSet<NodeId> {
+        let now = self.clock.now();
+        let mut live = BTreeSet::new();
+        for n in nodes {
+            let changed = match self.seen.get(&n.node) {
+                Some(s) => s.heartbeat != n.heartbeat || s.boot != n.boot,
+                None => true,
+            };
+            if changed {
+                self.seen.insert(
+                    n.node.clone(),
+                    Seen {
+                        heartbeat: n.heartbeat,
+                        boot: n.boot,
+                        at: now,
+                    },
+                );
+            }
+            if let Some(s) = self.seen.get(&n.node) {
+                if now.saturating_sub(s.at) < self.cfg.node_timeout {
+                    live.insert(n.node.clone());
+                }
+            }
+        }
+        live
+    }
+
+    /// One pass over every volume. Returns the topology changes written.
+    pub async fn tick(&mut self) -> CpResult<Vec<Transition>> {
+        let epoch = match self.epoch {
+            Some(e) => e,
+            None => {
+                let e = self.cp.acquire_leadership(&self.cfg.name).await?;
+                info!(epoch = e, leader = %self.cfg.name, "took the leadership");
+                self.epoch = Some(e);
+                e
+            }
+        };
+        let now = self.clock.now();
+        let nodes = self.cp.nodes().await?;
+        let live = self.live_nodes(&nodes);
+        let disks = self.cp.disks().await?;
+        let disk_node: BTreeMap<DiskId, NodeId> = disks
+            .iter()
+            .filter(|d| d.healthy && live.contains(&d.node))
+            .map(|d| (d.disk, d.node.clone()))
+            .collect();
+        let mut changes = Vec::new();
+        for vol in self.cp.volumes().await? {
+            let rec = &vol.value;
+            let t = &rec.topology;
+            let statuses = self.cp.member_statuses(rec.id).await?;
+            let unreachable = self.cp.unreachable(rec.id).await?;
+            let mut reports = Vec::with_capacity(t.n());
+            for (i, m) in t.members.iter().enumerate() {
+                let mut present = disk_node.get(&m.disk).cloned();
+                let reported_unreachable = unreachable
+                    .iter()
+                    .any(|u| u.disk == m.disk && u.generation.saturating_add(1) >= t.generation);
+                if !m.role.is_dead() && reported_unreachable {
+                    present = None;
+                }
+                let status = statuses
+                    .iter()
+                    .find(|s| s.disk == m.disk && s.node == m.node);
+                // Dirty bits are lost when the holder's agent restarted after the volume
+                // went degraded; the agent says so itself.
+                let dirty_bits_lost = status.is_some_and(|s| s.dirty_bits_lost);
+                reports.push(MemberReport {
+                    present,
+                    synced: status.map_or(0, |s| s.synced),
+                    dirty_bits_lost,
+                });
+                let key = (rec.id, i, m.disk);
+                if m.role.is_dead() {
+                    self.dead_since.entry(key).or_insert(now);
+                } else {
+                    self.dead_since.remove(&key);
+                }
+            }
+            let rebuild_done = statuses
+                .iter()
+                .filter_map(|s| s.rebuild)
+                .find(|r| r.finished && r.generation == t.generation)
+                .map(|r| r.generation);
+            let replacement = self.replacement(
+                rec.id,
+                t,
+                rec.spec.member_bytes(),
+                &disks,
+                &disk_node,
+                &reports,
+                now,
+            );
+            let k = Knowledge {
+                members: reports,
+                rebuild_done,
+                replacement,
+            };
+            let plan = match plan_with(t, &k, self.cfg.mutations) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(volume = %rec.name, error = %e, "cannot plan");
+                    continue;
+                }
+            };
+            let Plan::Next(next) = plan else {
+                debug!(volume = %rec.name, ?plan, "waiting");
+                continue;
+            };
+            match self
+                .cp
+                .cas_topology(rec.id, vol.version, epoch, next.clone())
+                .await
+            {
+                Ok(_) => {
+                    info!(volume = %rec.name, from = %t, to = %next, "topology change");
+                    for (i, m) in next.members.iter().enumerate() {
+                        if m.role.is_dead() && !t.members[i].role.is_dead() {
+                            self.cp.clear_unreachable(rec.id, m.disk).await?;
+                        }
+                    }
+                    changes.push(Transition {
+                        volume: rec.id,
+                        name: rec.name.clone(),
+                        from: t.clone(),
+                        to: next,
+                    });
+                }
+                Err(CpError::Conflict { .. }) => {
+                    debug!(volume = %rec.name, "topology changed under us; next pass");
+                }
+                Err(e @ CpError::Deposed { .. }) => {
+                    warn!(error = %e, "no longer the leader; stepping down");
+                    self.epoch = None;
+                    return Err(e);
+                }
+                Err(e) => {
+                    warn!(volume = %rec.name, error = %e, "topology write refused");
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn replacement(
+        &self,
+        id: VolumeId,
+        t: &Topology,
+        member_bytes: u64,
+        disks: &[crate::records::DiskRecord],
+        disk_node: &BTreeMap<DiskId, NodeId>,
+        reports: &[MemberReport],
+        now: Duration,
+    ) -> Option<Replacement> {
+        let (idx, _) = t.members.iter().enumerate().find(|(i, m)| {
+            m.role == Role::Dead
+                && reports[*i].present.is_none()
+                && self
+                    .dead_since
+                    .get(&(id, *i, m.disk))
+                    .is_some_and(|since| now.saturating_sub(*since) >= self.cfg.replace_after)
+        })?;
+        let used: Vec<NodeId> = t
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .map(|(_, m)| m.node.clone())
+            .collect();
+        let candidates: Vec<Candidate> = disks
+            .iter()
+            .filter(|d| {
+                disk_node.contains_key(&d.disk) && !t.members.iter().any(|m| m.disk == d.disk)
+            })
+            .map(|d| Candidate {
+                disk: d.disk,
+                node: d.node.clone(),
+                free: d.free,
+            })
+            .collect();
+        let chosen = choose_disks(&candidates, t.layout, member_bytes, 1, &used).ok()?;
+        let (disk, node) = chosen.into_iter().next()?;
+        Some(Replacement {
+            member: idx,
+            disk,
+            node,
+        })
+    }
+
+    /// Runs until `stop` turns true: a pass on every control-plane change, and at least every
+    /// `interval` (so node timeouts are noticed).
+    pub async fn run(mut self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut changes = self.cp.changes();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(e) = self.tick().await {
+                warn!(error = %e, category = e.category(), "leader pass failed");
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The control plane seen by agents, clients and the leader: the `ControlPlane` trait, its
+//! embedded in-process implementation, the `Clock` trait, and the leader loop that drives
+//! `toma_core`'s planner. The operator provides the Kubernetes implementation of the trait.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod embedded;
+pub mod leader;
+pub mod records;
+
+pub use api::{ControlPlane, CpError, CpResult};
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use embedded::EmbeddedControlPlane;
+pub use leader::{Leader, LeaderConfig, Transition};
+pub use records::*;
