@@ -66,11 +66,10 @@ pub struct RebuildProgress {
 
 impl RebuildProgress {
     pub fn percent(&self) -> u64 {
-        if self.total_units == 0 {
-            100
-        } else {
-            self.done_units.saturating_mul(100) / self.total_units
-        }
+        self.done_units
+            .saturating_mul(100)
+            .checked_div(self.total_units)
+            .unwrap_or(100)
     }
 }
 
