@@ -1,2 +1,29 @@
-//! Toma's datapath and control message formats
+//! Toma's datapath and TOMA ↔ TOMA message formats, the framed codec, and the `Transport`
+//! abstraction that carries frames.
+//!
+//! - [`Message`]: one enum for every request, reply and unsolicited message (see
+//!   [`message`] for which reply answers which request).
+//! - [`Frame`]: a message with its header fields (request id, volume, generation);
+//!   [`Frame::encode`], [`decode_frame`] (exactly one frame from a byte slice; the fuzz
+//!   target) and [`decode_from`] (stream decoding from a `BytesMut`, zero-copy bulk data).
+//!   The byte layout is documented in [`frame`].
+//! - [`WireError`]: everything that can be wrong with a frame.
+//! - [`transport`]: `Transport`/`Listener` produce a [`transport::Conn`], which splits into a
+//!   [`transport::FrameSender`] and a [`transport::FrameReceiver`] usable from separate
+//!   tasks. Implementations: TCP ([`transport::TcpTransport`]) and in-memory
+//!   ([`transport::MemTransport`]); an RDMA one can be added without touching its users.
 #![forbid(unsafe_code)]
+
+pub mod error;
+pub mod frame;
+pub mod message;
+
+pub use error::WireError;
+pub use frame::{
+    decode_frame, decode_from, decode_header, EncodedFrame, Frame, Header, HEADER_LEN, MAGIC,
+    MAX_PAYLOAD, VERSION,
+};
+pub use message::{
+    ClientId, ErrorCode, Kind, LockEntry, Message, Secret, MAX_DIRTY_UNITS, MAX_IO_LEN,
+    MAX_MEMBERS, MAX_NAME_LEN, MAX_TEXT_LEN, MEMBER_MASK,
+};
