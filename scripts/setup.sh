@@ -3,7 +3,7 @@
 # is already there at the pinned version is left alone.
 set -euo pipefail
 
-NEXTEST_VERSION=0.9.114
+NEXTEST_VERSION=0.9.151
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
