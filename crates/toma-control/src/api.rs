@@ -7,7 +7,8 @@ use tokio::sync::watch;
 use toma_core::{DiskId, Topology, VolumeId};
 
 use crate::records::{
-    DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned, VolumeRecord,
+    Attachment, DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned,
+    VolumeRecord,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -80,6 +81,11 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn report_unreachable(&self, report: Unreachable) -> CpResult<()>;
     async fn unreachable(&self, volume: VolumeId) -> CpResult<Vec<Unreachable>>;
     async fn clear_unreachable(&self, volume: VolumeId, disk: DiskId) -> CpResult<()>;
+
+    // Clients attached to volumes.
+    async fn attach(&self, a: Attachment) -> CpResult<()>;
+    async fn detach(&self, volume: VolumeId, client: u128) -> CpResult<()>;
+    async fn attachments(&self, volume: VolumeId) -> CpResult<Vec<Attachment>>;
 
     /// A counter that changes on every write: watchers wake on it and re-read.
     fn changes(&self) -> watch::Receiver<u64>;

@@ -9,7 +9,8 @@ use toma_core::{check_adjacent, DiskId, NodeId, Topology, VolumeId};
 
 use crate::api::{ControlPlane, CpError, CpResult};
 use crate::records::{
-    DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned, VolumeRecord,
+    Attachment, DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned,
+    VolumeRecord,
 };
 
 #[derive(Default)]
@@ -21,6 +22,7 @@ struct State {
     disks: BTreeMap<DiskId, DiskRecord>,
     statuses: BTreeMap<(VolumeId, DiskId), MemberStatus>,
     unreachable: BTreeMap<(VolumeId, DiskId), Unreachable>,
+    attachments: BTreeMap<(VolumeId, u128), Attachment>,
 }
 
 /// An in-memory store with the same compare-and-swap and epoch rules as the Kubernetes one.
@@ -89,6 +91,7 @@ impl ControlPlane for EmbeddedControlPlane {
         }
         st.statuses.retain(|(v, _), _| *v != id);
         st.unreachable.retain(|(v, _), _| *v != id);
+        st.attachments.retain(|(v, _), _| *v != id);
         self.bump(&mut st);
         Ok(())
     }
@@ -218,6 +221,34 @@ impl ControlPlane for EmbeddedControlPlane {
             self.bump(&mut st);
         }
         Ok(())
+    }
+
+    async fn attach(&self, a: Attachment) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if !st.volumes.contains_key(&a.volume) {
+            return Err(CpError::NoVolume(a.volume));
+        }
+        st.attachments.insert((a.volume, a.client), a);
+        self.bump(&mut st);
+        Ok(())
+    }
+
+    async fn detach(&self, volume: VolumeId, client: u128) -> CpResult<()> {
+        let mut st = self.state.lock();
+        if st.attachments.remove(&(volume, client)).is_some() {
+            self.bump(&mut st);
+        }
+        Ok(())
+    }
+
+    async fn attachments(&self, volume: VolumeId) -> CpResult<Vec<Attachment>> {
+        Ok(self
+            .state
+            .lock()
+            .attachments
+            .range((volume, 0)..=(volume, u128::MAX))
+            .map(|(_, a)| a.clone())
+            .collect())
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

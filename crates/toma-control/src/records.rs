@@ -97,3 +97,13 @@ pub struct Unreachable {
     /// The generation the client was using.
     pub generation: Generation,
 }
+
+/// A client attached to a volume (a node plugin, `toma io`, an NBD export). An agent that
+/// restarts waits for every attached client to re-register or be fenced before it grants
+/// locks again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Attachment {
+    pub volume: VolumeId,
+    pub client: u128,
+    pub node: NodeId,
+}
