@@ -1,0 +1,254 @@
+//! [`Disk`]: one opened Toma disk — its device, its superblock (extent table) and the RAM
+//! state of the volume members it holds.
+//!
+//! Extent operations write the superblock (two copies, flushed) **before** they return, so
+//! an extent is on disk before anyone uses it. They block on I/O: from tokio, call them in
+//! `spawn_blocking`. The RAM-state accessors ([`Disk::member`]) never block on I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use toma_core::{DiskId, Generation, MemberIdx, VolumeId};
+
+use crate::device::BlockDevice;
+use crate::state::MemberRuntime;
+use crate::superblock::{
+    self, ClusterId, Extent, MemberState, Overwrite, Superblock, SuperblockError, MAX_EXTENTS,
+};
+
+/// An opened Toma disk. Share it as `Arc<Disk>`.
+#[derive(Debug)]
+pub struct Disk {
+    dev: Arc<dyn BlockDevice>,
+    /// Held across superblock writes, so updates are serialised and the in-RAM copy always
+    /// equals what is on disk (or what the failed write tried to put there).
+    sb: Mutex<Superblock>,
+    members: Mutex<HashMap<(VolumeId, MemberIdx), Arc<MemberRuntime>>>,
+}
+
+impl Disk {
+    /// Opens a formatted disk of `cluster` (bumps its boot counter). See [`superblock::open`].
+    pub fn open(dev: Arc<dyn BlockDevice>, cluster: ClusterId) -> Result<Disk, SuperblockError> {
+        let sb = superblock::open(dev.as_ref(), cluster)?;
+        Ok(Self::from_parts(dev, sb))
+    }
+
+    /// Formats `dev` (see [`superblock::format`]) and opens it.
+    pub fn format(
+        dev: Arc<dyn BlockDevice>,
+        id: DiskId,
+        cluster: ClusterId,
+        overwrite: &Overwrite,
+    ) -> Result<Disk, SuperblockError> {
+        superblock::format(dev.as_ref(), id, cluster, overwrite)?;
+        Self::open(dev, cluster)
+    }
+
+    fn from_parts(dev: Arc<dyn BlockDevice>, sb: Superblock) -> Disk {
+        Disk {
+            dev,
+            sb: Mutex::new(sb),
+            members: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn id(&self) -> DiskId {
+        self.sb.lock().disk
+    }
+
+    pub fn cluster(&self) -> ClusterId {
+        self.sb.lock().cluster
+    }
+
+    /// How many times an agent has opened this disk (this open included).
+    pub fn boot_counter(&self) -> u64 {
+        self.sb.lock().boot_counter
+    }
+
+    /// The device, for data I/O at `extent.offset + …` (bounds are the caller's job: check
+    /// against the member's [`Extent`]).
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// The device name (its path) for messages.
+    pub fn name(&self) -> &str {
+        self.dev.name()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    /// A copy of the in-RAM superblock.
+    pub fn superblock(&self) -> Superblock {
+        self.sb.lock().clone()
+    }
+
+    /// Every extent, by offset.
+    pub fn extents(&self) -> Vec<Extent> {
+        let mut v = self.sb.lock().extents.clone();
+        v.sort_by_key(|e| e.offset);
+        v
+    }
+
+    pub fn extent(&self, volume: VolumeId, member: MemberIdx) -> Option<Extent> {
+        self.sb.lock().extent(volume, member).copied()
+    }
+
+    /// Applies `change` to a copy of the superblock, persists it, then makes it current.
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Superblock) -> Result<T, SuperblockError>,
+    ) -> Result<T, SuperblockError> {
+        let mut cur = self.sb.lock();
+        let mut next = cur.clone();
+        let out = change(&mut next)?;
+        let res = superblock::write(self.dev.as_ref(), &mut next);
+        // Keep the sequence number moving even on failure (see superblock::write).
+        cur.seq = next.seq;
+        res?;
+        *cur = next;
+        Ok(out)
+    }
+
+    /// Allocates `length` bytes (rounded up to 1 MiB), first fit, for `volume`'s member
+    /// `member`, in state [`MemberState::Free`] at `generation`. Persisted before it returns.
+    pub fn allocate_extent(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        length: u64,
+        generation: Generation,
+    ) -> Result<Extent, SuperblockError> {
+        let device = self.dev.name().to_string();
+        let size = self.dev.size();
+        self.update(|sb| {
+            if let Some(e) = sb.extent(volume, member) {
+                return Err(SuperblockError::AlreadyAllocated {
+                    device,
+                    volume,
+                    member,
+                    offset: e.offset,
+                });
+            }
+            if length == 0 {
+                return Err(SuperblockError::ZeroLength {
+                    device,
+                    volume,
+                    member,
+                });
+            }
+            if sb.extents.len() >= MAX_EXTENTS {
+                return Err(SuperblockError::TooManyExtents { device });
+            }
+            let no_space = || SuperblockError::NoSpace {
+                device: device.clone(),
+                volume,
+                member,
+                length,
+            };
+            let length = length
+                .checked_next_multiple_of(superblock::EXTENT_ALIGN)
+                .ok_or_else(no_space)?;
+            let offset = sb.find_free(length, size).ok_or_else(no_space)?;
+            let e = Extent {
+                volume,
+                member,
+                offset,
+                length,
+                generation,
+                state: MemberState::Free,
+            };
+            sb.extents.push(e);
+            Ok(e)
+        })
+    }
+
+    /// Removes `volume`'s member `member` from this disk (persisted) and drops its RAM state.
+    pub fn free_extent(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+    ) -> Result<Extent, SuperblockError> {
+        let device = self.dev.name().to_string();
+        let e = self.update(|sb| {
+            let i = sb
+                .extents
+                .iter()
+                .position(|e| e.volume == volume && e.member == member)
+                .ok_or(SuperblockError::NoSuchExtent {
+                    device,
+                    volume,
+                    member,
+                })?;
+            Ok(sb.extents.remove(i))
+        })?;
+        self.members.lock().remove(&(volume, member));
+        Ok(e)
+    }
+
+    /// Records the member's generation and state (persisted). Writes nothing if unchanged.
+    pub fn update_extent(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        generation: Generation,
+        state: MemberState,
+    ) -> Result<Extent, SuperblockError> {
+        if let Some(e) = self.extent(volume, member) {
+            if e.generation == generation && e.state == state {
+                return Ok(e);
+            }
+        }
+        let device = self.dev.name().to_string();
+        self.update(|sb| {
+            let e = sb
+                .extents
+                .iter_mut()
+                .find(|e| e.volume == volume && e.member == member)
+                .ok_or(SuperblockError::NoSuchExtent {
+                    device,
+                    volume,
+                    member,
+                })?;
+            e.generation = generation;
+            e.state = state;
+            Ok(*e)
+        })
+    }
+
+    /// The RAM state (locks, dirty bits) of `volume`'s member `member`, created on first use
+    /// with `units` lock units and one dirty bitmap per each of the volume's `members`.
+    /// Returns `None` if this disk holds no extent for that member.
+    pub fn member(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        units: u64,
+        members: usize,
+    ) -> Option<Arc<MemberRuntime>> {
+        self.extent(volume, member)?;
+        let mut map = self.members.lock();
+        Some(
+            map.entry((volume, member))
+                .or_insert_with(|| Arc::new(MemberRuntime::new(units, members)))
+                .clone(),
+        )
+    }
+
+    /// The RAM state of a member if it was created already.
+    pub fn member_if_present(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+    ) -> Option<Arc<MemberRuntime>> {
+        self.members.lock().get(&(volume, member)).cloned()
+    }
+
+    /// Forgets a member's RAM state (its locks and dirty bits), e.g. at Rebuild-init.
+    pub fn reset_member(&self, volume: VolumeId, member: MemberIdx) {
+        self.members.lock().remove(&(volume, member));
+    }
+}

@@ -1,0 +1,322 @@
+//! Superblock and extent tests on real files in temp dirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use toma_agent::superblock::{self, SUPERBLOCK_COPY_SIZE};
+use toma_agent::*;
+use toma_core::{DiskId, Role, VolumeId};
+
+const CLUSTER: ClusterId = ClusterId(0xc1);
+const MIB: u64 = 1 << 20;
+
+fn make_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn dev(path: &Path) -> Arc<dyn BlockDevice> {
+    Arc::new(FileDevice::open(path).unwrap())
+}
+
+fn fresh(dir: &Path, size: u64) -> PathBuf {
+    let p = make_file(dir, "disk", size);
+    Disk::format(dev(&p), DiskId(7), CLUSTER, &Overwrite::OnlyIfBlank).unwrap();
+    p
+}
+
+/// Overwrites 4 KiB at `offset` with garbage (outside any FileDevice, like bit rot).
+fn smash(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0x5a; 4096], offset).unwrap();
+}
+
+#[test]
+fn format_open_round_trip_bumps_boot_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    assert_eq!(d.id(), DiskId(7));
+    assert_eq!(d.cluster(), CLUSTER);
+    let boot = d.boot_counter();
+    drop(d);
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    assert_eq!(d.boot_counter(), boot + 1);
+}
+
+#[test]
+fn format_refuses_a_non_blank_disk_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let before = std::fs::read(&p).unwrap();
+    let err = Disk::format(dev(&p), DiskId(8), CLUSTER, &Overwrite::OnlyIfBlank).unwrap_err();
+    assert!(matches!(err, SuperblockError::NotBlank { .. }), "{err}");
+    let err = Disk::format(
+        dev(&p),
+        DiskId(8),
+        CLUSTER,
+        &Overwrite::Force {
+            device: "/some/other/disk".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, SuperblockError::ForceMismatch { .. }),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    let force = Overwrite::Force {
+        device: p.display().to_string(),
+    };
+    let d = Disk::format(dev(&p), DiskId(8), CLUSTER, &force).unwrap();
+    assert_eq!(d.id(), DiskId(8));
+}
+
+#[test]
+fn one_corrupt_copy_falls_back_to_the_other_and_is_repaired() {
+    for copy in [0, SUPERBLOCK_COPY_SIZE as u64] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = fresh(dir.path(), 8 * MIB);
+        {
+            let d = Disk::open(dev(&p), CLUSTER).unwrap();
+            d.allocate_extent(VolumeId(1), 0, MIB, 3).unwrap();
+        }
+        smash(&p, copy);
+        let dv = dev(&p);
+        match superblock::inspect(dv.as_ref()).unwrap() {
+            Inspection::Valid { stale: Some(_), .. } => {}
+            other => panic!("expected one stale copy, got {other:?}"),
+        }
+        let d = Disk::open(dv, CLUSTER).unwrap();
+        assert_eq!(d.extents().len(), 1, "copy at {copy} corrupt");
+        drop(d);
+        // The open rewrote both copies.
+        match superblock::inspect(dev(&p).as_ref()).unwrap() {
+            Inspection::Valid { stale: None, .. } => {}
+            other => panic!("expected both copies repaired, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn both_copies_corrupt_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    smash(&p, 0);
+    smash(&p, SUPERBLOCK_COPY_SIZE as u64);
+    let before = std::fs::read(&p).unwrap();
+    let err = Disk::open(dev(&p), CLUSTER).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, SuperblockError::Corrupt { .. }), "{msg}");
+    assert!(msg.contains(&p.display().to_string()), "{msg}");
+    assert!(msg.contains("--force-format"), "{msg}");
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn disk_of_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let before = std::fs::read(&p).unwrap();
+    let err = Disk::open(dev(&p), ClusterId(0xbad)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, SuperblockError::ForeignCluster { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("belongs to cluster"), "{msg}");
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn too_small_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = make_file(dir.path(), "small", MIN_DISK_SIZE - 4096);
+    let err = Disk::format(dev(&p), DiskId(1), CLUSTER, &Overwrite::OnlyIfBlank).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, SuperblockError::TooSmall { .. }), "{msg}");
+    assert!(msg.contains(&p.display().to_string()), "{msg}");
+    assert!(matches!(
+        Disk::open(dev(&p), CLUSTER),
+        Err(SuperblockError::TooSmall { .. })
+    ));
+}
+
+#[test]
+fn extents_persist_across_reopen_and_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 16 * MIB);
+    let (a, b);
+    {
+        let d = Disk::open(dev(&p), CLUSTER).unwrap();
+        a = d.allocate_extent(VolumeId(1), 0, 3 * MIB, 1).unwrap();
+        b = d.allocate_extent(VolumeId(2), 1, 1, 1).unwrap();
+        assert_eq!(a.offset, MIB);
+        assert_eq!(a.length, 3 * MIB);
+        assert_eq!(b.offset, 4 * MIB);
+        assert_eq!(b.length, MIB, "rounded up to 1 MiB");
+        assert!(matches!(
+            d.allocate_extent(VolumeId(1), 0, MIB, 1),
+            Err(SuperblockError::AlreadyAllocated { .. })
+        ));
+        assert!(matches!(
+            d.allocate_extent(VolumeId(3), 0, 100 * MIB, 1),
+            Err(SuperblockError::NoSpace { .. })
+        ));
+        d.update_extent(VolumeId(1), 0, 5, MemberState::Member(Role::Rwl))
+            .unwrap();
+    }
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    let ext = d.extents();
+    assert_eq!(ext.len(), 2);
+    let a2 = d.extent(VolumeId(1), 0).unwrap();
+    assert_eq!(a2.generation, 5);
+    assert_eq!(a2.state, MemberState::Member(Role::Rwl));
+    assert_eq!(d.extent(VolumeId(2), 1), Some(b));
+    // Free the first; first fit reuses its hole.
+    d.free_extent(VolumeId(1), 0).unwrap();
+    let c = d.allocate_extent(VolumeId(4), 0, 2 * MIB, 1).unwrap();
+    assert_eq!(c.offset, MIB);
+    drop(d);
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    assert_eq!(d.extent(VolumeId(1), 0), None);
+    assert_eq!(d.extent(VolumeId(4), 0), Some(c));
+}
+
+#[test]
+fn member_runtime_exists_only_for_held_extents() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    assert!(d.member(VolumeId(1), 0, 16, 2).is_none());
+    d.allocate_extent(VolumeId(1), 0, MIB, 1).unwrap();
+    let m = d.member(VolumeId(1), 0, 16, 2).unwrap();
+    m.locks.lock(3, ClientId(9)).unwrap();
+    let again = d.member(VolumeId(1), 0, 16, 2).unwrap();
+    assert_eq!(again.locks.holder(3), Some(ClientId(9)));
+    d.free_extent(VolumeId(1), 0).unwrap();
+    assert!(d.member_if_present(VolumeId(1), 0).is_none());
+}
+
+#[test]
+fn superblock_write_survives_power_loss_and_torn_writes() {
+    // A flushed update survives a power loss that tears whatever was not flushed.
+    for seed in 0..32 {
+        let mem = MemDevice::new("mem0", 8 * MIB);
+        let dv: Arc<dyn BlockDevice> = Arc::new(mem.clone());
+        let d = Disk::format(dv.clone(), DiskId(1), CLUSTER, &Overwrite::OnlyIfBlank).unwrap();
+        d.allocate_extent(VolumeId(1), 0, MIB, 1).unwrap();
+        // An unrelated write is in flight when the power goes.
+        mem.write_at(&[0u8; 4096], 4 * MIB).unwrap(); // unrelated unflushed write
+        mem.power_loss(PowerLoss::Tear { seed });
+        let d = Disk::open(dv.clone(), CLUSTER).unwrap();
+        assert_eq!(d.extents().len(), 1);
+    }
+}
+
+#[test]
+fn torn_update_keeps_old_or_new_state() {
+    for seed in 0..64 {
+        let mem = MemDevice::new("mem0", 8 * MIB);
+        let dv: Arc<dyn BlockDevice> = Arc::new(mem.clone());
+        let d = Disk::format(dv.clone(), DiskId(1), CLUSTER, &Overwrite::OnlyIfBlank).unwrap();
+        // Make the next update's flushes fail so its writes stay unflushed, then tear them.
+        mem.set_faults(Faults {
+            fail_flush: true,
+            ..Faults::default()
+        });
+        let r = d.allocate_extent(VolumeId(1), 0, MIB, 1);
+        assert!(r.is_err());
+        mem.set_faults(Faults::default());
+        mem.power_loss(PowerLoss::Tear { seed });
+        let d = Disk::open(dv.clone(), CLUSTER).unwrap();
+        assert!(d.extents().len() <= 1);
+    }
+}
+
+fn arb_op() -> impl Strategy<Value = (bool, u8, u64)> {
+    (any::<bool>(), 0u8..12, 1u64..(6 * MIB))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random allocations and frees: extents never overlap, stay inside the device and
+    /// after the superblock area, and survive a reopen unchanged.
+    #[test]
+    fn allocations_never_overlap_and_persist(ops in proptest::collection::vec(arb_op(), 1..30)) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = fresh(dir.path(), 32 * MIB);
+        let d = Disk::open(dev(&p), CLUSTER).unwrap();
+        for (alloc, vol, len) in ops {
+            if alloc {
+                let _ = d.allocate_extent(VolumeId(vol as u128), 0, len, 1);
+            } else {
+                let _ = d.free_extent(VolumeId(vol as u128), 0);
+            }
+            let ext = d.extents();
+            for w in ext.windows(2) {
+                prop_assert!(w[0].end() <= w[1].offset, "overlap {:?}", w);
+            }
+            for e in &ext {
+                prop_assert!(e.offset >= SUPERBLOCK_AREA && e.end() <= 32 * MIB);
+                prop_assert_eq!(e.offset % MIB, 0);
+            }
+        }
+        let before = d.extents();
+        drop(d);
+        let d = Disk::open(dev(&p), CLUSTER).unwrap();
+        prop_assert_eq!(d.extents(), before);
+    }
+
+    /// Decoding random bytes never panics.
+    #[test]
+    fn decode_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = Superblock::decode(&bytes);
+    }
+
+    /// Decoding a valid copy with a few bytes changed never panics, and any copy it accepts
+    /// has sane extents.
+    #[test]
+    fn decode_mutated_copy(
+        muts in proptest::collection::vec((0usize..8192, any::<u8>()), 1..8),
+        fix_crc in any::<bool>(),
+    ) {
+        let mut sb = Superblock::new(DiskId(1), CLUSTER, 64 * MIB);
+        for i in 0..20u64 {
+            sb.extents.push(Extent {
+                volume: VolumeId(i as u128),
+                member: 0,
+                offset: (1 + 2 * i) * MIB,
+                length: MIB,
+                generation: i,
+                state: MemberState::Free,
+            });
+        }
+        let mut bytes = sb.encode().to_vec();
+        for (at, v) in muts {
+            if let Some(b) = bytes.get_mut(at) {
+                *b = v;
+            }
+        }
+        if fix_crc {
+            // Recompute the checksum so the structural checks are exercised too.
+            let count = u32::from_le_bytes([bytes[72], bytes[73], bytes[74], bytes[75]]) as usize;
+            let end = (128 + count.saturating_mul(64)).min(bytes.len());
+            if end >= 128 {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..124]), &bytes[128..end]);
+                bytes[124..128].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+        if let Ok(d) = Superblock::decode(&bytes) {
+            for e in &d.extents {
+                prop_assert!(e.offset >= SUPERBLOCK_AREA);
+                prop_assert!(e.length > 0);
+                prop_assert!(e.end() <= d.device_size);
+            }
+        }
+    }
+}
