@@ -6,7 +6,8 @@
 //!      4    1 version         1
 //!      5    1 kind            Kind as u8
 //!      6    2 flags           reserved, must be 0
-//!      8    8 request id      0 only for unsolicited messages (SWITCH_TOPO, FENCED)
+//!      8    8 request id      0 only for unsolicited messages (SWITCH_TOPO, FENCED) and
+//!                             for an ERROR about the connection itself (sent before closing)
 //!     16   16 volume          volume UUID (u128 LE)
 //!     32    8 generation      topology generation the sender uses
 //!     40    4 payload length  at most MAX_PAYLOAD
@@ -294,10 +295,10 @@ fn validate(frame: &Frame) -> Result<(), WireError> {
             ),
         );
     }
-    if !kind.is_unsolicited() && frame.request_id == 0 {
+    if !kind.is_unsolicited() && kind != Kind::Error && frame.request_id == 0 {
         return r(
             "request id",
-            "0: only unsolicited messages carry request id 0".into(),
+            "0: only unsolicited messages and connection-level errors carry request id 0".into(),
         );
     }
     let io_len = |field: &'static str, offset: u64, len: u64| {

@@ -17,6 +17,7 @@
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod transport;
 
 pub use error::WireError;
 pub use frame::{
@@ -26,4 +27,7 @@ pub use frame::{
 pub use message::{
     ClientId, ErrorCode, Kind, LockEntry, Message, Secret, MAX_DIRTY_UNITS, MAX_IO_LEN,
     MAX_MEMBERS, MAX_NAME_LEN, MAX_TEXT_LEN, MEMBER_MASK,
+};
+pub use transport::{
+    Conn, ConnError, FrameReceiver, FrameSender, Listener, MemTransport, TcpTransport, Transport,
 };

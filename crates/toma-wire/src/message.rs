@@ -24,7 +24,8 @@
 //! | [`Message::GetDirty`] | [`Message::Dirty`] |
 //!
 //! Unsolicited (TOMA → client, request id 0): [`Message::SwitchTopo`], [`Message::Fenced`].
-//! Any request may be answered with [`Message::Error`].
+//! Any request may be answered with [`Message::Error`]. An `Error` with request id 0 is about
+//! the connection itself (e.g. the peer sent a malformed frame) and is followed by its close.
 
 use std::fmt;
 use std::ops::Range;
