@@ -187,6 +187,12 @@ impl FileDevice {
     /// otherwise — logged), and takes an exclusive `flock` so that a second agent opening
     /// the same disk is refused with [`DeviceError::InUse`].
     pub fn open(path: &Path) -> Result<FileDevice, DeviceError> {
+        Self::open_with(path, false)
+    }
+
+    /// Like [`open`](Self::open); `buffered = true` skips `O_DIRECT` (tests, and file systems
+    /// known to mishandle it).
+    pub fn open_with(path: &Path, buffered: bool) -> Result<FileDevice, DeviceError> {
         if !path.exists() {
             return Err(DeviceError::NotFound {
                 path: path.to_path_buf(),
@@ -196,18 +202,33 @@ impl FileDevice {
             path: path.to_path_buf(),
             source,
         };
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path);
+        let einval = Some(rustix::io::Errno::INVAL.raw_os_error());
+        let direct = if buffered {
+            Err(io::Error::from(rustix::io::Errno::INVAL))
+        } else {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(path)
+                .and_then(|f| {
+                    // Some file systems accept the flag but refuse the I/O: probe one block.
+                    let mut probe = AlignedBuf::zeroed(ALIGN);
+                    match f.read_at(&mut probe, 0) {
+                        Err(e) if e.raw_os_error() == einval => Err(e),
+                        _ => Ok(f),
+                    }
+                })
+        };
         let (mut file, mode) = match direct {
             Ok(f) => (f, IoMode::Direct),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                tracing::warn!(
-                    disk = %path.display(),
-                    "file system refuses O_DIRECT; using buffered I/O with fdatasync on flush"
-                );
+            Err(e) if e.raw_os_error() == einval => {
+                if !buffered {
+                    tracing::warn!(
+                        disk = %path.display(),
+                        "file system refuses O_DIRECT; using buffered I/O with fdatasync on flush"
+                    );
+                }
                 let f = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -571,18 +592,20 @@ mod tests {
     }
 
     #[test]
-    fn tmpfs_falls_back_to_buffered() {
-        let shm = Path::new("/dev/shm");
-        if !shm.is_dir() {
-            return;
-        }
-        let dir = tempfile::tempdir_in(shm).unwrap();
+    fn buffered_mode_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk");
         std::fs::File::create(&path)
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let dev = FileDevice::open(&path).unwrap();
+        let dev = FileDevice::open_with(&path, true).unwrap();
+        assert_eq!(dev.io_mode(), IoMode::Buffered);
+        // Still exclusive.
+        assert!(matches!(
+            FileDevice::open(&path),
+            Err(DeviceError::InUse { .. })
+        ));
         let buf = vec![7u8; 4096];
         dev.write_at(&buf, 0).unwrap();
         dev.flush().unwrap();

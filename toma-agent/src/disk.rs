@@ -97,6 +97,67 @@ impl Disk {
         self.sb.lock().extent(volume, member).copied()
     }
 
+    /// Checks that `len` bytes at `offset` (relative to the member's extent) lie inside it
+    /// and returns the absolute disk offset.
+    fn member_offset(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        len: usize,
+    ) -> Result<u64, SuperblockError> {
+        let device = || self.dev.name().to_string();
+        let e = self
+            .extent(volume, member)
+            .ok_or_else(|| SuperblockError::NoSuchExtent {
+                device: device(),
+                volume,
+                member,
+            })?;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= e.length => Ok(e.offset + offset),
+            _ => Err(SuperblockError::OutsideExtent {
+                device: device(),
+                volume,
+                member,
+                offset,
+                len,
+                length: e.length,
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` *within* the member's extent (both multiples of
+    /// 4096). Refuses anything outside the extent. Blocking.
+    pub fn read_member(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SuperblockError> {
+        let at = self.member_offset(volume, member, offset, buf.len())?;
+        Ok(self.dev.read_at(buf, at)?)
+    }
+
+    /// Writes `buf` at `offset` *within* the member's extent (both multiples of 4096).
+    /// Refuses anything outside the extent. Not durable until [`flush`](Self::flush). Blocking.
+    pub fn write_member(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), SuperblockError> {
+        let at = self.member_offset(volume, member, offset, buf.len())?;
+        Ok(self.dev.write_at(buf, at)?)
+    }
+
+    /// Makes every completed write to this disk durable. Blocking.
+    pub fn flush(&self) -> Result<(), SuperblockError> {
+        Ok(self.dev.flush()?)
+    }
+
     /// Applies `change` to a copy of the superblock, persists it, then makes it current.
     fn update<T>(
         &self,

@@ -18,13 +18,14 @@ use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 use toma_core::MemberIdx;
 
-/// A datapath client, as registered with this TOMA.
+/// A datapath client, named by the UUID it registers with (`toma_wire::ClientId` is the
+/// same `u128`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(pub u64);
+pub struct ClientId(pub u128);
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client-{}", self.0)
+        write!(f, "client {}", toma_core::VolumeId(self.0))
     }
 }
 
@@ -149,6 +150,38 @@ impl LockTable {
             .collect();
         all.sort();
         all
+    }
+
+    /// The held locks with `units.start <= unit < units.end`, sorted (`GET_LOCKS`).
+    pub fn locks_in(&self, units: std::ops::Range<u64>) -> Vec<(u64, ClientId)> {
+        let mut v: Vec<(u64, ClientId)> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .iter()
+                    .filter(|(u, _)| units.contains(u))
+                    .map(|(u, c)| (*u, *c))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Installs a lock copied from another member (`PUT_LOCKS`, RAM → RAM during rebuild).
+    /// Unlike [`lock`](Self::lock) it ignores fences (the copy reflects the lock member's
+    /// table); it still refuses a unit held by a different client.
+    pub fn install(&self, unit: u64, client: ClientId) -> Result<(), StateError> {
+        self.check_unit(unit)?;
+        let mut shard = self.shard(unit).lock();
+        match shard.get(&unit) {
+            Some(&holder) if holder != client => Err(StateError::HeldByOther { unit, holder }),
+            _ => {
+                shard.insert(unit, client);
+                Ok(())
+            }
+        }
     }
 
     /// The units `client` holds, sorted (stale-lock recovery).
@@ -410,6 +443,23 @@ impl DirtyBitmap {
         })
     }
 
+    /// The bits of `target` for `units` (clamped to the member's units), LSB first within
+    /// each byte: bit `i` is unit `units.start + i` (the `DIRTY` reply's format).
+    pub fn bits_in(&self, target: MemberIdx, units: std::ops::Range<u64>) -> Vec<u8> {
+        let end = units.end.min(self.units);
+        let start = units.start.min(end);
+        let mut out = vec![0u8; ((end - start) as usize).div_ceil(8)];
+        if let Some(bits) = self.per_target.get(target) {
+            for u in start..end {
+                if bits.get(u) {
+                    let i = (u - start) as usize;
+                    out[i / 8] |= 1 << (i % 8);
+                }
+            }
+        }
+        out
+    }
+
     /// A copy of `target`'s bitmap as 64-bit words (bit `u % 64` of word `u / 64`), for
     /// writing it to disk.
     pub fn export(&self, target: MemberIdx) -> Vec<u64> {
@@ -502,8 +552,15 @@ mod tests {
         }
         assert_eq!(t.locks(), vec![(4, B)]);
         assert_eq!(t.fenced(), vec![A]);
+        assert_eq!(t.locks_in(0..10), vec![(4, B)]);
+        t.install(60, A).unwrap(); // a copied lock ignores the fence
+        assert!(matches!(
+            t.install(4, A),
+            Err(StateError::HeldByOther { .. })
+        ));
         t.unfence(A);
         t.lock(50, A).unwrap();
+        assert_eq!(t.locks_of(A), vec![50, 60]);
         t.clear();
         assert!(t.locks().is_empty());
     }
@@ -515,7 +572,9 @@ mod tests {
             .map(|c| {
                 let t = t.clone();
                 std::thread::spawn(move || {
-                    (0..8).filter(|u| t.lock(*u, ClientId(c)).is_ok()).count()
+                    (0..8)
+                        .filter(|u| t.lock(*u, ClientId(c as u128)).is_ok())
+                        .count()
                 })
             })
             .collect();
@@ -556,6 +615,12 @@ mod tests {
         e.import(2, &words).unwrap();
         assert_eq!(e.iter_dirty(2).collect::<Vec<_>>(), vec![130]);
         assert_eq!(e.count(2), 1);
+        assert_eq!(d.bits_in(1, 0..16), vec![0b1000_0000, 0]);
+        assert_eq!(d.bits_in(2, 128..300), {
+            let mut v = vec![0u8; 9];
+            v[0] = 0b100;
+            v
+        });
         d.clear_all(0).unwrap();
         assert_eq!(d.count(0), 0);
     }

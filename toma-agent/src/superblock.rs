@@ -164,7 +164,8 @@ pub enum CopyError {
     Unreadable(String),
 }
 
-/// Errors of the superblock layer. Every message names the disk and what to do.
+/// Errors of the disk layer (superblock, extents, member I/O through [`crate::Disk`]).
+/// Every message names the disk and what to do.
 #[derive(Debug, Error)]
 pub enum SuperblockError {
     #[error(transparent)]
@@ -218,6 +219,15 @@ pub enum SuperblockError {
         device: String,
         volume: VolumeId,
         member: MemberIdx,
+    },
+    #[error("disk {device}: volume {volume} member {member}: I/O at offset {offset} length {len} is outside its extent of {length} bytes")]
+    OutsideExtent {
+        device: String,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        len: usize,
+        length: u64,
     },
     #[error("disk {device}: volume {volume} member {member} has no extent on this disk")]
     NoSuchExtent {

@@ -187,6 +187,44 @@ fn extents_persist_across_reopen_and_update() {
 }
 
 #[test]
+fn member_io_stays_inside_its_extent() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let d = Disk::open(dev(&p), CLUSTER).unwrap();
+    let a = d.allocate_extent(VolumeId(1), 0, MIB, 1).unwrap();
+    let b = d.allocate_extent(VolumeId(2), 0, MIB, 1).unwrap();
+    let mut buf = AlignedBuf::zeroed(8192);
+    buf.fill(0x11);
+    d.write_member(VolumeId(1), 0, MIB - 8192, &buf).unwrap();
+    buf.fill(0x22);
+    d.write_member(VolumeId(2), 0, 0, &buf).unwrap();
+    d.flush().unwrap();
+    let mut back = AlignedBuf::zeroed(8192);
+    d.read_member(VolumeId(1), 0, MIB - 8192, &mut back)
+        .unwrap();
+    assert!(back.iter().all(|x| *x == 0x11));
+    // The bytes landed at the extents' absolute offsets.
+    let raw = std::fs::read(&p).unwrap();
+    assert_eq!(raw[(a.offset + MIB - 1) as usize], 0x11);
+    assert_eq!(raw[b.offset as usize], 0x22);
+    let err = d
+        .write_member(VolumeId(1), 0, MIB - 4096, &buf)
+        .unwrap_err();
+    assert!(
+        matches!(err, SuperblockError::OutsideExtent { .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        d.read_member(VolumeId(1), 0, u64::MAX - 4095, &mut back),
+        Err(SuperblockError::OutsideExtent { .. })
+    ));
+    assert!(matches!(
+        d.read_member(VolumeId(9), 0, 0, &mut back),
+        Err(SuperblockError::NoSuchExtent { .. })
+    ));
+}
+
+#[test]
 fn member_runtime_exists_only_for_held_extents() {
     let dir = tempfile::tempdir().unwrap();
     let p = fresh(dir.path(), 8 * MIB);
