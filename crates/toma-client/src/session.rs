@@ -1,0 +1,154 @@
+//! One registered connection to one member's TOMA: pipelined calls matched by request id,
+//! and unsolicited messages (SWITCH_TOPO, FENCED) handed to the volume client.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use toma_core::{DiskId, Generation, VolumeId};
+use toma_wire::transport::{FrameSender, Transport};
+use toma_wire::{ErrorCode, Frame, Message};
+use tracing::debug;
+
+/// How a call to a member failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// The member's TOMA could not be reached or did not answer in time.
+    Unreachable(String),
+    /// The TOMA refused the request.
+    Refused { code: ErrorCode, message: String },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(why) => write!(f, "unreachable: {why}"),
+            CallError::Refused { code, message } => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+/// Something a TOMA told the client without being asked.
+#[derive(Debug)]
+pub enum Unsolicited {
+    SwitchTopo(toma_core::Topology),
+    Fenced(String),
+    /// The connection ended.
+    Closed,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+
+pub struct Session {
+    sender: FrameSender,
+    pending: Pending,
+    next_id: AtomicU64,
+    volume: VolumeId,
+    timeout: Duration,
+}
+
+impl Session {
+    /// Connects to `addr` and starts the reader task. Unsolicited messages go to `events`
+    /// tagged with `tag`.
+    pub async fn connect(
+        transport: &dyn Transport,
+        addr: &str,
+        volume: VolumeId,
+        timeout: Duration,
+        tag: DiskId,
+        events: mpsc::UnboundedSender<(DiskId, Unsolicited)>,
+    ) -> Result<Arc<Session>, CallError> {
+        let conn = tokio::time::timeout(timeout, transport.connect(addr))
+            .await
+            .map_err(|_| CallError::Unreachable(format!("connect to {addr}: timed out")))?
+            .map_err(|e| CallError::Unreachable(format!("connect to {addr}: {e}")))?;
+        let (sender, mut receiver) = conn.split();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let p = pending.clone();
+        tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(frame) => {
+                        if frame.request_id == 0 {
+                            let ev = match frame.msg {
+                                Message::SwitchTopo { topology } => {
+                                    Unsolicited::SwitchTopo(topology)
+                                }
+                                Message::Fenced { reason } => Unsolicited::Fenced(reason),
+                                other => {
+                                    debug!(?other, "unsolicited message ignored");
+                                    continue;
+                                }
+                            };
+                            let _ = events.send((tag, ev));
+                        } else if let Some(tx) = p.lock().remove(&frame.request_id) {
+                            let _ = tx.send(frame.msg);
+                        }
+                    }
+                    Err(e) => {
+                        debug!(disk = %tag, error = %e, "connection ended");
+                        p.lock().clear();
+                        let _ = events.send((tag, Unsolicited::Closed));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(Session {
+            sender,
+            pending,
+            next_id: AtomicU64::new(1),
+            volume,
+            timeout,
+        }))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    pub fn close(&self) {
+        self.sender.close();
+    }
+
+    /// Sends `msg` under `generation` and waits for its reply. `Error` replies become
+    /// `CallError::Refused`.
+    pub async fn call(&self, generation: Generation, msg: Message) -> Result<Message, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let frame = Frame::new(id, self.volume, generation, msg);
+        if let Err(e) = self.sender.send(&frame).await {
+            self.pending.lock().remove(&id);
+            return Err(CallError::Unreachable(e.to_string()));
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Message::Error { code, message })) => Err(CallError::Refused { code, message }),
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(_)) => Err(CallError::Unreachable(format!(
+                "connection to {} ended",
+                self.sender.peer()
+            ))),
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                Err(CallError::Unreachable(format!(
+                    "{} did not answer within {:?}",
+                    self.sender.peer(),
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// Sends without waiting for a reply (ACK_TOPO).
+    pub async fn tell(&self, generation: Generation, msg: Message) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .sender
+            .send(&Frame::new(id, self.volume, generation, msg))
+            .await;
+    }
+}

@@ -1,0 +1,900 @@
+//! A RAID1 volume client: reads with the piggybacked lock test, writes under lock to every
+//! writable member, dirty bits when degraded, topology switches without stopping I/O, held
+//! writes while a member is unreachable, and re-registration after being fenced.
+//!
+//! Every rule comes from `toma_core::placement` for the topology in use; this file only
+//! carries them out.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use toma_control::{Attachment, ControlPlane};
+use toma_core::placement::{clears_dirty, locks, read_member, sets_dirty, write_members};
+use toma_core::{DirtyMarks, DiskId, Generation, MemberIdx, Topology, VolumeId, VolumeSpec};
+use toma_wire::transport::Transport;
+use toma_wire::{ClientId, ErrorCode, Message, Secret};
+use tracing::{debug, info, warn};
+
+use crate::error::ClientError;
+use crate::gens::GenTracker;
+use crate::range::{split, UnitPart};
+use crate::session::{CallError, Session, Unsolicited};
+
+/// How a client behaves; the defaults suit a LAN.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// A call that gets no answer in this long marks its member unreachable (the client's
+    /// own monotonic clock).
+    pub request_timeout: Duration,
+    /// A held write re-tries at least this often even if no new topology came.
+    pub hold_retry: Duration,
+    /// Node name recorded with the attachment.
+    pub node: String,
+    /// Deliberate bugs (model/simulation mutations). Default: none.
+    pub read_from_w: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            request_timeout: Duration::from_secs(3),
+            hold_retry: Duration::from_millis(250),
+            node: "local".into(),
+            read_from_w: false,
+        }
+    }
+}
+
+/// Counters a caller may show.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub lock_retries: AtomicU64,
+    pub read_retries: AtomicU64,
+    pub held: AtomicU64,
+    pub fenced: AtomicU64,
+    pub switches: AtomicU64,
+}
+
+struct Link {
+    session: Arc<Session>,
+    client: ClientId,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    volume: VolumeId,
+    spec: VolumeSpec,
+    secret: Secret,
+    cp: Arc<dyn ControlPlane>,
+    transport: Arc<dyn Transport>,
+    topo: watch::Sender<Arc<Topology>>,
+    gens: GenTracker,
+    client: Mutex<ClientId>,
+    links: Mutex<HashMap<DiskId, Link>>,
+    connecting: Mutex<HashMap<DiskId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Locks this client holds, per member disk (re-asserted on reconnect).
+    held: Mutex<HashMap<DiskId, BTreeSet<u64>>>,
+    reported: Mutex<BTreeSet<(DiskId, Generation)>>,
+    events: mpsc::UnboundedSender<(DiskId, Unsolicited)>,
+    stats: ClientStats,
+}
+
+/// A handle to a volume; clone it freely, use it from many tasks.
+#[derive(Clone)]
+pub struct VolumeClient {
+    inner: Arc<Inner>,
+}
+
+/// Why an attempt under one topology did not finish.
+enum Retry {
+    /// Wait for a newer topology (a member is unreachable, or the volume cannot serve).
+    Topology,
+    /// Try again shortly (lock busy, TOMA busy or behind).
+    Backoff,
+    /// This client was fenced: its locks are gone; start over.
+    Fenced,
+    Fatal(ClientError),
+}
+
+fn random_id() -> ClientId {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: fall back to something unique within this process.
+        static N: AtomicU64 = AtomicU64::new(1);
+        b[..8].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        b[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    }
+    u128::from_le_bytes(b)
+}
+
+fn mask(members: &[MemberIdx]) -> u16 {
+    members.iter().fold(0u16, |m, &i| m | (1u16 << i))
+}
+
+impl VolumeClient {
+    /// Attaches to a volume: reads its record from the control plane, records the attachment,
+    /// and registers on every live member.
+    pub async fn attach(
+        cp: Arc<dyn ControlPlane>,
+        transport: Arc<dyn Transport>,
+        volume: VolumeId,
+        cfg: ClientConfig,
+    ) -> Result<VolumeClient, ClientError> {
+        let rec = cp
+            .volume(volume)
+            .await
+            .map_err(|e| ClientError::ControlPlane(e.to_string()))?
+            .ok_or(ClientError::UnknownVolume(volume))?
+            .value;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let client = random_id();
+        let inner = Arc::new(Inner {
+            volume,
+            spec: rec.spec,
+            secret: Secret(rec.secret),
+            cp,
+            transport,
+            topo: watch::Sender::new(Arc::new(rec.topology.clone())),
+            gens: GenTracker::new(rec.topology.generation),
+            client: Mutex::new(client),
+            links: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            reported: Mutex::new(BTreeSet::new()),
+            events: events_tx,
+            stats: ClientStats::default(),
+            cfg,
+        });
+        inner.record_attachment(client).await?;
+        let me = VolumeClient { inner };
+        tokio::spawn(event_loop(Arc::downgrade(&me.inner), events_rx));
+        tokio::spawn(ack_loop(Arc::downgrade(&me.inner)));
+        // Register everywhere now so the TOMAs count this client from the start.
+        let t = me.topology();
+        for m in t.alive() {
+            let disk = t.members[m].disk;
+            if let Err(e) = me.inner.link(disk).await {
+                warn!(volume = %volume, member = m, error = %e, "member not reachable at attach");
+            }
+        }
+        Ok(me)
+    }
+
+    pub fn topology(&self) -> Arc<Topology> {
+        self.inner.topo.borrow().clone()
+    }
+
+    /// Waits until the topology's generation is at least `g`, up to `max`.
+    pub async fn wait_generation(&self, g: Generation, max: Duration) -> bool {
+        let mut rx = self.inner.topo.subscribe();
+        let ok = tokio::time::timeout(max, rx.wait_for(|t| t.generation >= g))
+            .await
+            .is_ok();
+        ok
+    }
+
+    pub fn spec(&self) -> VolumeSpec {
+        self.inner.spec
+    }
+
+    pub fn client_id(&self) -> ClientId {
+        *self.inner.client.lock()
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    /// Detaches: closes every connection and removes the attachment record.
+    pub async fn detach(&self) -> Result<(), ClientError> {
+        let id = self.client_id();
+        for (_, l) in self.inner.links.lock().drain() {
+            l.session.close();
+        }
+        self.inner
+            .cp
+            .detach(self.inner.volume, id)
+            .await
+            .map_err(|e| ClientError::ControlPlane(e.to_string()))
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
+        let end = offset.checked_add(len as u64);
+        if len == 0 || end.is_none_or(|e| e > self.inner.spec.size) {
+            return Err(ClientError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.inner.spec.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at volume offset `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, ClientError> {
+        self.check_range(offset, len)?;
+        let parts = split(offset, len, self.inner.spec.unit_bytes());
+        let results = join_all(parts.iter().map(|p| self.inner.read_unit(*p))).await;
+        let mut out = BytesMut::with_capacity(len);
+        for r in results {
+            out.extend_from_slice(&r?);
+        }
+        self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at volume offset `offset`. Returns once it is on every writable member
+    /// (or the member it missed is marked dirty).
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        self.check_range(offset, data.len())?;
+        let parts = split(offset, data.len(), self.inner.spec.unit_bytes());
+        let results = join_all(parts.iter().map(|p| {
+            let slice = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            self.inner.write_unit(*p, slice)
+        }))
+        .await;
+        for r in results {
+            r?;
+        }
+        self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable on every live member.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let t = self.topology();
+        for m in t.alive() {
+            let disk = t.members[m].disk;
+            if let Ok(s) = self.inner.link(disk).await {
+                match s.call(t.generation, Message::Flush).await {
+                    Ok(_) => {}
+                    Err(CallError::Unreachable(_)) => {}
+                    Err(e) => return Err(ClientError::Member(m, e.to_string())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuild and recovery: copies `unit` from member `from` to the members `to` under
+    /// topology `t`, taking the unit's locks first when `lock` is true, then clears the
+    /// bits in `clear`. Returns the bytes copied per target.
+    pub async fn copy_unit(
+        &self,
+        t: &Topology,
+        unit: u64,
+        from: MemberIdx,
+        to: &[MemberIdx],
+        clear: Option<&DirtyMarks>,
+        lock: bool,
+    ) -> Result<u64, ClientError> {
+        self.inner.copy_unit(t, unit, from, to, clear, lock).await
+    }
+}
+
+impl Inner {
+    fn current(&self) -> Arc<Topology> {
+        self.topo.borrow().clone()
+    }
+
+    async fn record_attachment(&self, client: ClientId) -> Result<(), ClientError> {
+        self.cp
+            .attach(Attachment {
+                volume: self.volume,
+                client,
+                node: toma_core::NodeId(self.cfg.node.clone()),
+            })
+            .await
+            .map_err(|e| ClientError::ControlPlane(e.to_string()))
+    }
+
+    /// Adopts `t` if it is a newer topology of this volume.
+    fn adopt(&self, t: Topology) {
+        if t.volume != self.volume || t.validate().is_err() {
+            warn!(volume = %self.volume, "ignoring an invalid topology from a TOMA");
+            return;
+        }
+        let g = t.generation;
+        let newer = self.topo.send_if_modified(|cur| {
+            if g > cur.generation {
+                *cur = Arc::new(t);
+                true
+            } else {
+                false
+            }
+        });
+        if newer {
+            self.stats.switches.fetch_add(1, Ordering::Relaxed);
+            debug!(volume = %self.volume, generation = g, "switched topology");
+            self.gens.switch(g);
+        }
+    }
+
+    /// Reads the newest topology from the control plane (when a TOMA says we are behind).
+    async fn refresh(&self) {
+        if let Ok(Some(v)) = self.cp.volume(self.volume).await {
+            self.adopt(v.value.topology);
+        }
+    }
+
+    async fn wait_newer(&self, g: Generation, max: Duration) {
+        let mut rx = self.topo.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|t| t.generation > g)).await;
+    }
+
+    async fn endpoint(&self, disk: DiskId) -> Result<String, CallError> {
+        let disks = self
+            .cp
+            .disks()
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let node = disks
+            .iter()
+            .find(|d| d.disk == disk)
+            .map(|d| d.node.clone())
+            .ok_or_else(|| {
+                CallError::Unreachable(format!("disk {disk} is not reported by any node"))
+            })?;
+        let nodes = self
+            .cp
+            .nodes()
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        nodes
+            .iter()
+            .find(|n| n.node == node)
+            .map(|n| n.endpoint.clone())
+            .ok_or_else(|| CallError::Unreachable(format!("node {node} has no endpoint")))
+    }
+
+    /// The registered session to `disk`'s TOMA, connecting and registering if needed.
+    async fn link(self: &Arc<Self>, disk: DiskId) -> Result<Arc<Session>, CallError> {
+        if let Some(l) = self.links.lock().get(&disk) {
+            if !l.session.is_closed() {
+                return Ok(l.session.clone());
+            }
+        }
+        let gate = self
+            .connecting
+            .lock()
+            .entry(disk)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let _g = gate.lock().await;
+        if let Some(l) = self.links.lock().get(&disk) {
+            if !l.session.is_closed() {
+                return Ok(l.session.clone());
+            }
+        }
+        let addr = self.endpoint(disk).await?;
+        let session = Session::connect(
+            self.transport.as_ref(),
+            &addr,
+            self.volume,
+            self.cfg.request_timeout,
+            disk,
+            self.events.clone(),
+        )
+        .await?;
+        let client = *self.client.lock();
+        let held_locks: Vec<u64> = self
+            .held
+            .lock()
+            .get(&disk)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let g = self.current().generation;
+        let reply = session
+            .call(
+                g,
+                Message::Register {
+                    client,
+                    secret: self.secret.clone(),
+                    held_locks,
+                },
+            )
+            .await;
+        match reply {
+            Ok(Message::Registered { topology }) => {
+                self.adopt(topology);
+                self.links.lock().insert(
+                    disk,
+                    Link {
+                        session: session.clone(),
+                        client,
+                    },
+                );
+                Ok(session)
+            }
+            Ok(other) => {
+                session.close();
+                Err(CallError::Unreachable(format!(
+                    "unexpected answer to REGISTER: {:?}",
+                    other.kind()
+                )))
+            }
+            Err(e) => {
+                session.close();
+                if let CallError::Refused {
+                    code: ErrorCode::Fenced,
+                    ..
+                } = e
+                {
+                    self.fenced(client).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Some TOMA fenced client id `old`: every lock it held has been (or will be)
+    /// recovered. Start again under a new id.
+    async fn fenced(&self, old: ClientId) {
+        let new = {
+            let mut id = self.client.lock();
+            if *id != old {
+                return;
+            }
+            *id = random_id();
+            *id
+        };
+        self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+        warn!(volume = %self.volume, "this client was fenced; re-registering under a new id");
+        for (_, l) in self.links.lock().drain() {
+            l.session.close();
+        }
+        self.held.lock().clear();
+        let _ = self.cp.detach(self.volume, old).await;
+        if let Err(e) = self.record_attachment(new).await {
+            warn!(error = %e, "could not record the new attachment");
+        }
+    }
+
+    /// Tells the other members' TOMAs that `member` cannot be reached (once per generation).
+    fn report_unreachable(self: &Arc<Self>, t: &Arc<Topology>, member: MemberIdx, why: &str) {
+        let disk = t.members[member].disk;
+        if !self.reported.lock().insert((disk, t.generation)) {
+            return;
+        }
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        warn!(volume = %self.volume, member, generation = t.generation, why, "member unreachable; holding I/O");
+        let me = self.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            for m in t.alive() {
+                if m == member {
+                    continue;
+                }
+                if let Ok(s) = me.link(t.members[m].disk).await {
+                    let _ = s
+                        .call(
+                            t.generation,
+                            Message::ReportUnreachable {
+                                member: member as u8,
+                            },
+                        )
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// Maps a failed call on `member` to what the operation should do next.
+    async fn on_error(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        member: MemberIdx,
+        e: CallError,
+    ) -> Retry {
+        match e {
+            CallError::Unreachable(why) => {
+                // Forget the session so the next try reconnects.
+                self.links.lock().remove(&t.members[member].disk);
+                self.report_unreachable(t, member, &why);
+                Retry::Topology
+            }
+            CallError::Refused { code, message } => match code {
+                ErrorCode::StaleGeneration | ErrorCode::NotRegistered => {
+                    self.refresh().await;
+                    if code == ErrorCode::NotRegistered {
+                        self.links.lock().remove(&t.members[member].disk);
+                    }
+                    Retry::Backoff
+                }
+                ErrorCode::Busy => Retry::Backoff,
+                ErrorCode::Fenced => {
+                    let id = *self.client.lock();
+                    self.fenced(id).await;
+                    Retry::Fenced
+                }
+                _ => Retry::Fatal(ClientError::Member(member, format!("{code}: {message}"))),
+            },
+        }
+    }
+
+    async fn call(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        member: MemberIdx,
+        msg: Message,
+    ) -> Result<Message, Retry> {
+        let s = match self.link(t.members[member].disk).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.on_error(t, member, e).await),
+        };
+        match s.call(t.generation, msg).await {
+            Ok(m) => Ok(m),
+            Err(e) => Err(self.on_error(t, member, e).await),
+        }
+    }
+
+    async fn read_unit(self: &Arc<Self>, p: UnitPart) -> Result<Bytes, ClientError> {
+        let mut backoff = Backoff::new();
+        loop {
+            let t = self.current();
+            let guard = self.gens.begin(t.generation);
+            let member = if self.cfg.read_from_w {
+                // Mutation: read from any written member, even one being rebuilt.
+                write_members(&t, p.unit).into_iter().max()
+            } else {
+                read_member(&t, p.unit)
+            };
+            let Some(r) = member else {
+                drop(guard);
+                self.wait_newer(t.generation, self.cfg.hold_retry).await;
+                continue;
+            };
+            let res = self
+                .call(
+                    &t,
+                    r,
+                    Message::ReadTestLock {
+                        unit: p.unit,
+                        offset: p.offset,
+                        len: p.len,
+                    },
+                )
+                .await;
+            drop(guard);
+            match res {
+                Ok(Message::DataLock {
+                    locked: false,
+                    data,
+                }) if data.len() == p.len as usize => return Ok(data),
+                Ok(Message::DataLock { locked: true, .. }) => {
+                    self.stats.read_retries.fetch_add(1, Ordering::Relaxed);
+                    backoff.wait().await;
+                }
+                Ok(other) => {
+                    return Err(ClientError::Protocol(format!(
+                        "member {r} answered READ_TEST_LOCK with {:?}",
+                        other.kind()
+                    )))
+                }
+                Err(Retry::Topology) => self.wait_newer(t.generation, self.cfg.hold_retry).await,
+                Err(Retry::Backoff) | Err(Retry::Fenced) => backoff.wait().await,
+                Err(Retry::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn write_unit(self: &Arc<Self>, p: UnitPart, data: Bytes) -> Result<(), ClientError> {
+        let mut held: BTreeSet<DiskId> = BTreeSet::new();
+        let mut backoff = Backoff::new();
+        loop {
+            let t = self.current();
+            let guard = self.gens.begin(t.generation);
+            let res = self.try_write(&t, p, &data, &mut held).await;
+            drop(guard);
+            match res {
+                Ok(()) => return Ok(()),
+                Err(Retry::Topology) => self.wait_newer(t.generation, self.cfg.hold_retry).await,
+                Err(Retry::Backoff) => backoff.wait().await,
+                Err(Retry::Fenced) => {
+                    held.clear();
+                    backoff.wait().await;
+                }
+                Err(Retry::Fatal(e)) => {
+                    self.unlock_all(&t, p.unit, &mut held).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn note_held(&self, disk: DiskId, unit: u64, on: bool) {
+        let mut h = self.held.lock();
+        let set = h.entry(disk).or_default();
+        if on {
+            set.insert(unit);
+        } else {
+            set.remove(&unit);
+        }
+    }
+
+    async fn try_write(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        p: UnitPart,
+        data: &Bytes,
+        held: &mut BTreeSet<DiskId>,
+    ) -> Result<(), Retry> {
+        let lock_set = locks(t, p.unit);
+        if lock_set.is_empty() {
+            // Failed volume: nothing can be written until a member comes back.
+            return Err(Retry::Topology);
+        }
+        // Locks on members that are DEAD now are gone with them.
+        held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        self.take_locks(t, p.unit, &lock_set, held).await?;
+        if let Some(d) = sets_dirty(t, p.unit) {
+            self.dirty(t, p.unit, &d, true).await?;
+        }
+        let targets = write_members(t, p.unit);
+        let results = join_all(targets.iter().map(|&m| {
+            self.call(
+                t,
+                m,
+                Message::Write {
+                    offset: p.offset,
+                    data: data.clone(),
+                },
+            )
+        }))
+        .await;
+        // A write that reached some members and not others keeps its locks: it is redone.
+        for r in results {
+            match r {
+                Ok(Message::Ok) => {}
+                Ok(other) => {
+                    return Err(Retry::Fatal(ClientError::Protocol(format!(
+                        "WRITE answered with {:?}",
+                        other.kind()
+                    ))))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(c) = clears_dirty(t, p.unit) {
+            // A bit left set only costs one extra copy at rebuild.
+            let _ = self.dirty(t, p.unit, &c, false).await;
+        }
+        self.unlock_all(t, p.unit, held).await;
+        Ok(())
+    }
+
+    async fn take_locks(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        unit: u64,
+        lock_set: &[MemberIdx],
+        held: &mut BTreeSet<DiskId>,
+    ) -> Result<(), Retry> {
+        for &m in lock_set {
+            let disk = t.members[m].disk;
+            if held.contains(&disk) {
+                continue;
+            }
+            let mut backoff = Backoff::new();
+            loop {
+                match self.call(t, m, Message::Lock { unit }).await? {
+                    Message::Ok => {
+                        held.insert(disk);
+                        self.note_held(disk, unit, true);
+                        break;
+                    }
+                    Message::Locked { .. } => {
+                        self.stats.lock_retries.fetch_add(1, Ordering::Relaxed);
+                        backoff.wait().await;
+                        // A newer topology may place the lock elsewhere.
+                        if self.current().generation != t.generation {
+                            return Err(Retry::Backoff);
+                        }
+                    }
+                    other => {
+                        return Err(Retry::Fatal(ClientError::Protocol(format!(
+                            "LOCK answered with {:?}",
+                            other.kind()
+                        ))))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dirty(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        unit: u64,
+        d: &DirtyMarks,
+        set: bool,
+    ) -> Result<(), Retry> {
+        let targets = mask(&d.targets);
+        let results = join_all(d.holders.iter().map(|&h| {
+            let msg = if set {
+                Message::SetDirty { unit, targets }
+            } else {
+                Message::ClearDirty { unit, targets }
+            };
+            self.call(t, h, msg)
+        }))
+        .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn unlock_all(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        unit: u64,
+        held: &mut BTreeSet<DiskId>,
+    ) {
+        for disk in std::mem::take(held) {
+            self.note_held(disk, unit, false);
+            let Some(m) = t.members.iter().position(|x| x.disk == disk) else {
+                continue;
+            };
+            // An unlock that does not arrive is cleaned up by fencing or Rebuild-init.
+            let _ = self.call(t, m, Message::Unlock { unit }).await;
+        }
+    }
+
+    async fn copy_unit(
+        self: &Arc<Self>,
+        t: &Topology,
+        unit: u64,
+        from: MemberIdx,
+        to: &[MemberIdx],
+        clear: Option<&DirtyMarks>,
+        lock: bool,
+    ) -> Result<u64, ClientError> {
+        let t = Arc::new(t.clone());
+        let _guard = self.gens.begin(t.generation);
+        let chunk = u64::from(self.spec.chunk_size);
+        let offset = unit * chunk;
+        let len = chunk.min(self.spec.member_bytes().saturating_sub(offset));
+        if len == 0 {
+            return Ok(0);
+        }
+        let fail = |r: Retry| match r {
+            Retry::Fatal(e) => e,
+            Retry::Topology => ClientError::Member(from, "unreachable".into()),
+            Retry::Backoff | Retry::Fenced => ClientError::Retry,
+        };
+        let mut held = BTreeSet::new();
+        if lock {
+            let lock_set = locks(&t, unit);
+            self.take_locks(&t, unit, &lock_set, &mut held)
+                .await
+                .map_err(fail)?;
+        }
+        let result: Result<u64, ClientError> = async {
+            let data = match self
+                .call(
+                    &t,
+                    from,
+                    Message::Read {
+                        offset,
+                        len: len as u32,
+                    },
+                )
+                .await
+                .map_err(fail)?
+            {
+                Message::Data { data } if data.len() as u64 == len => data,
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "READ answered with {:?}",
+                        other.kind()
+                    )))
+                }
+            };
+            let writes = join_all(to.iter().map(|&m| {
+                self.call(
+                    &t,
+                    m,
+                    Message::Write {
+                        offset,
+                        data: data.clone(),
+                    },
+                )
+            }))
+            .await;
+            for w in writes {
+                w.map_err(fail)?;
+            }
+            if let Some(c) = clear {
+                self.dirty(&t, unit, c, false).await.map_err(fail)?;
+            }
+            Ok(len)
+        }
+        .await;
+        self.unlock_all(&t, unit, &mut held).await;
+        result
+    }
+}
+
+/// Handles what TOMAs say without being asked.
+async fn event_loop(
+    inner: std::sync::Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<(DiskId, Unsolicited)>,
+) {
+    while let Some((disk, ev)) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match ev {
+            Unsolicited::SwitchTopo(t) => inner.adopt(t),
+            Unsolicited::Fenced(reason) => {
+                info!(volume = %inner.volume, disk = %disk, reason, "fenced by a TOMA");
+                let id = inner.links.lock().get(&disk).map(|l| l.client);
+                if let Some(id) = id {
+                    inner.fenced(id).await;
+                }
+            }
+            Unsolicited::Closed => {
+                let mut links = inner.links.lock();
+                if links.get(&disk).is_some_and(|l| l.session.is_closed()) {
+                    links.remove(&disk);
+                }
+            }
+        }
+    }
+}
+
+/// Acknowledges each generation to every member once nothing older is in flight.
+async fn ack_loop(inner: std::sync::Weak<Inner>) {
+    let mut rx = match inner.upgrade() {
+        Some(i) => i.gens.ackable(),
+        None => return,
+    };
+    loop {
+        let g = *rx.borrow_and_update();
+        {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let sessions: Vec<Arc<Session>> = inner
+                .links
+                .lock()
+                .values()
+                .map(|l| l.session.clone())
+                .collect();
+            for s in sessions {
+                s.tell(g, Message::AckTopo { generation: g }).await;
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Exponential backoff for lock and busy retries: the product's own pacing.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_micros(50),
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_millis(20));
+    }
+}
