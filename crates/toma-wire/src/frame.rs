@@ -410,6 +410,7 @@ fn validate(frame: &Frame) -> Result<(), WireError> {
         | Message::Flush
         | Message::AckTopo { .. }
         | Message::FenceClient { .. }
+        | Message::ReleaseLock { .. }
         | Message::PutLocks { .. }
         | Message::Ok
         | Message::Locked { .. }
@@ -456,6 +457,10 @@ fn encode_payload(msg: &Message, b: &mut BytesMut) -> Bytes {
         Message::AckTopo { generation } => b.put_u64_le(*generation),
         Message::ReportUnreachable { member } => b.put_u8(*member),
         Message::FenceClient { client } => b.put_u128_le(*client),
+        Message::ReleaseLock { unit, client } => {
+            b.put_u64_le(*unit);
+            b.put_u128_le(*client);
+        }
         Message::GetLocks { units } => {
             b.put_u64_le(units.start);
             b.put_u64_le(units.end);
@@ -683,6 +688,10 @@ fn decode_payload(kind: Kind, payload: Bytes) -> Result<Message, WireError> {
         },
         Kind::ReportUnreachable => Message::ReportUnreachable { member: rd.u8()? },
         Kind::FenceClient => Message::FenceClient { client: rd.u128()? },
+        Kind::ReleaseLock => Message::ReleaseLock {
+            unit: rd.u64()?,
+            client: rd.u128()?,
+        },
         Kind::GetLocks => Message::GetLocks {
             units: rd.u64()?..rd.u64()?,
         },

@@ -22,6 +22,7 @@
 //! | [`Message::GetLocks`] | [`Message::Locks`] |
 //! | [`Message::PutLocks`] | [`Message::Ok`] |
 //! | [`Message::GetDirty`] | [`Message::Dirty`] |
+//! | [`Message::ReleaseLock`] | [`Message::Ok`] (frees `unit` if `client` still holds it) |
 //!
 //! Unsolicited (TOMA → client, request id 0): [`Message::SwitchTopo`], [`Message::Fenced`].
 //! Any request may be answered with [`Message::Error`]. An `Error` with request id 0 is about
@@ -171,6 +172,8 @@ pub enum Message {
     /// The dirty bits kept here for member `target` for units in `units`
     /// (at most [`MAX_DIRTY_UNITS`] units).
     GetDirty { target: u8, units: Range<u64> },
+    /// Stale-lock recovery: free `unit`'s lock here if the (fenced) `client` still holds it.
+    ReleaseLock { unit: u64, client: ClientId },
 
     // ---- replies ----
     /// The request succeeded.
@@ -216,6 +219,7 @@ pub enum Kind {
     GetLocks = 0x21,
     PutLocks = 0x22,
     GetDirty = 0x23,
+    ReleaseLock = 0x24,
     Ok = 0x40,
     Registered = 0x41,
     Data = 0x42,
@@ -229,7 +233,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Register,
         Kind::Read,
         Kind::ReadTestLock,
@@ -245,6 +249,7 @@ impl Kind {
         Kind::GetLocks,
         Kind::PutLocks,
         Kind::GetDirty,
+        Kind::ReleaseLock,
         Kind::Ok,
         Kind::Registered,
         Kind::Data,
@@ -279,6 +284,7 @@ impl Kind {
             Kind::GetLocks => "GET_LOCKS",
             Kind::PutLocks => "PUT_LOCKS",
             Kind::GetDirty => "GET_DIRTY",
+            Kind::ReleaseLock => "RELEASE_LOCK",
             Kind::Ok => "OK",
             Kind::Registered => "REGISTERED",
             Kind::Data => "DATA",
@@ -332,6 +338,7 @@ impl Message {
             Message::GetLocks { .. } => Kind::GetLocks,
             Message::PutLocks { .. } => Kind::PutLocks,
             Message::GetDirty { .. } => Kind::GetDirty,
+            Message::ReleaseLock { .. } => Kind::ReleaseLock,
             Message::Ok => Kind::Ok,
             Message::Registered { .. } => Kind::Registered,
             Message::Data { .. } => Kind::Data,
