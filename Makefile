@@ -2,9 +2,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test setup fmt-check clippy nextest core-purity demo fmt
+.PHONY: test setup fmt-check clippy nextest core-purity demo fmt e2e fuzz
 
-test: setup fmt-check clippy core-purity nextest
+test: setup fmt-check clippy core-purity nextest fuzz e2e
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,17 @@ core-purity:
 
 nextest:
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
+
+# Coverage-guided fuzzing of the frame decoder (nightly + cargo-fuzz, installed by setup).
+# New inputs go to fuzz/corpus (ignored by git); fuzz/seeds holds one frame of every kind.
+fuzz:
+	cd crates/toma-wire/fuzz && mkdir -p corpus/decode_frame && \
+	$(CARGO) +nightly fuzz run decode_frame corpus/decode_frame seeds -- -max_total_time=60
+
+# End-to-end suite against a loopback Kubernetes control plane (e2e/README.md). The first run
+# builds the pinned Go tools (etcd, kube-apiserver, ..., helm) once; later runs reuse the cache.
+e2e:
+	e2e/smoke.sh
 
 demo:
 	$(CARGO) run --release -p toma-cli -- demo

@@ -3,6 +3,7 @@
 # is already there at the pinned version is left alone.
 set -euo pipefail
 
+CARGO_FUZZ_VERSION=0.13.2
 NEXTEST_VERSION=0.9.151
 
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -17,8 +18,35 @@ if ! cargo nextest --version 2>/dev/null | grep -q "cargo-nextest $NEXTEST_VERSI
   cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked
 fi
 
+# The e2e harness (e2e/harness) generates certificates with openssl, polls with curl, picks
+# free ports with ss (iproute2); iptables is for network-fault tests. Go builds the e2e tools.
+apt_missing=()
+for p in openssl curl iproute2 iptables; do
+  dpkg -s "$p" >/dev/null 2>&1 || apt_missing+=("$p")
+done
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "setup: installing ${apt_missing[*]} (apt, once)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+if ! have go && [ ! -x /usr/local/go/bin/go ]; then
+  echo "setup: go not found; the e2e tools (e2e/tools/build.sh) need Go >= 1.26" >&2
+  exit 1
+fi
+
 for c in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
     rustup component add "$c"
   fi
 done
+
+# `make fuzz` (part of `make test`) runs cargo-fuzz, which needs a nightly toolchain.
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  echo "setup: installing the nightly toolchain (once), for cargo-fuzz"
+  rustup toolchain install nightly --profile minimal
+fi
+
+if ! cargo fuzz --version 2>/dev/null | grep -q "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION (once)"
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi

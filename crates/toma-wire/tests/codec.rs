@@ -134,6 +134,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|generation| Message::AckTopo { generation }),
         (0..MAX_MEMBERS).prop_map(|member| Message::ReportUnreachable { member }),
         any::<u128>().prop_map(|client| Message::FenceClient { client }),
+        (any::<u64>(), any::<u128>())
+            .prop_map(|(unit, client)| Message::ReleaseLock { unit, client }),
         arb_range().prop_map(|units| Message::GetLocks { units }),
         arb_locks().prop_map(|locks| Message::PutLocks { locks }),
         (0..MAX_MEMBERS, any::<u64>(), 0..=MAX_DIRTY_UNITS).prop_map(|(target, start, n)| {
@@ -561,4 +563,107 @@ fn big_write_round_trips_without_copying_on_decode() {
         .encode()
         .unwrap_err();
     assert_contains(&e.to_string(), "WRITE: field data out of range");
+}
+
+/// One small frame of every kind.
+fn sample_frames() -> Vec<Frame> {
+    let t = topo();
+    let locks = vec![LockEntry {
+        unit: 5,
+        client: 77,
+    }];
+    let msgs = vec![
+        Message::Register {
+            client: 77,
+            secret: Secret([9; 32]),
+            held_locks: vec![1, 2],
+        },
+        Message::Read {
+            offset: 4096,
+            len: 512,
+        },
+        Message::ReadTestLock {
+            unit: 1,
+            offset: 65536,
+            len: 4096,
+        },
+        Message::Write {
+            offset: 0,
+            data: Bytes::from_static(b"0123456789abcdef"),
+        },
+        Message::Lock { unit: 3 },
+        Message::Unlock { unit: 3 },
+        Message::SetDirty {
+            unit: 3,
+            targets: 0b10,
+        },
+        Message::ClearDirty {
+            unit: 3,
+            targets: 0b10,
+        },
+        Message::Flush,
+        Message::AckTopo { generation: 4 },
+        Message::ReportUnreachable { member: 1 },
+        Message::FenceClient { client: 77 },
+        Message::GetLocks { units: 0..100 },
+        Message::PutLocks {
+            locks: locks.clone(),
+        },
+        Message::GetDirty {
+            target: 1,
+            units: 0..64,
+        },
+        Message::ReleaseLock {
+            unit: 5,
+            client: 77,
+        },
+        Message::Ok,
+        Message::Registered {
+            topology: t.clone(),
+        },
+        Message::Data {
+            data: Bytes::from_static(b"data"),
+        },
+        Message::DataLock {
+            locked: true,
+            data: Bytes::from_static(b"data"),
+        },
+        Message::Locked { holder: 78 },
+        Message::error(ErrorCode::StaleGeneration, "generation 2 < 3"),
+        Message::Locks { locks },
+        Message::Dirty {
+            first: 0,
+            bits: Bytes::from_static(&[0b1010_0001, 0xff]),
+        },
+        Message::SwitchTopo { topology: t },
+        Message::fenced("missed generation 5"),
+    ];
+    msgs.into_iter()
+        .map(|m| {
+            let rid = if m.kind().is_unsolicited() { 0 } else { 11 };
+            Frame::new(rid, VolumeId(VOL), 3, m)
+        })
+        .collect()
+}
+
+#[test]
+fn sample_frames_cover_every_kind_and_round_trip() {
+    let frames = sample_frames();
+    assert_eq!(frames.len(), Kind::ALL.len());
+    for (f, k) in frames.iter().zip(Kind::ALL) {
+        assert_eq!(f.kind(), k);
+        assert_eq!(decode_frame(&f.to_bytes().unwrap()).unwrap(), *f);
+    }
+}
+
+/// Regenerates the fuzz seed corpus: `cargo test -p toma-wire --test codec -- --ignored`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in sample_frames() {
+        let name = f.kind().name().to_ascii_lowercase();
+        std::fs::write(dir.join(name), f.to_bytes().unwrap()).unwrap();
+    }
 }
