@@ -12,6 +12,33 @@
 //!   [`transport::FrameSender`] and a [`transport::FrameReceiver`] usable from separate
 //!   tasks. Implementations: TCP ([`transport::TcpTransport`]) and in-memory
 //!   ([`transport::MemTransport`]); an RDMA one can be added without touching its users.
+//!
+//! A request and its reply, in memory (TCP is the same with `TcpTransport` and
+//! `"127.0.0.1:0"`):
+//!
+//! ```
+//! use toma_core::VolumeId;
+//! use toma_wire::{Frame, Message, MemTransport, Transport};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let net = MemTransport::new();
+//! let mut listener = net.listen("agent-1:0").await?;
+//! let client = net.connect(&listener.local_addr()).await?;
+//! let mut server = listener.accept().await?;
+//!
+//! let (tx, mut rx) = client.split();
+//! tx.send(&Frame::new(1, VolumeId(7), 3, Message::Lock { unit: 12 })).await?;
+//!
+//! let req = server.recv().await?;
+//! assert_eq!(req.msg, Message::Lock { unit: 12 });
+//! server.send(&req.reply(Message::Ok)).await?;
+//!
+//! let reply = rx.recv().await?;
+//! assert_eq!((reply.request_id, reply.msg), (1, Message::Ok));
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod error;

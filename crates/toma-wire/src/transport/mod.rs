@@ -17,7 +17,9 @@
 //! malformed frame, or on an I/O error. The receiver then yields the reason once
 //! ([`ConnError`]), and later calls (and every send) return it too. A peer that sent a
 //! malformed frame is told why with an `Error { code: Invalid }` of request id 0 before the
-//! connection is closed; the reason is also logged (`tracing::warn!`).
+//! connection is closed; the reason is also logged (`tracing::warn!`). Conversely, a
+//! received `Error` with request id 0 ends the connection: `recv` returns
+//! [`ConnError::PeerError`] with its code and message.
 //!
 //! Every function that builds a `Conn` spawns two tokio tasks (a reader and a writer), so it
 //! must run inside a tokio runtime. They end when the connection ends, or when both the
