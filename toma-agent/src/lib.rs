@@ -18,6 +18,8 @@ pub mod cli;
 pub mod device;
 pub mod disk;
 pub mod disks;
+pub mod local;
+pub mod server;
 pub mod state;
 pub mod superblock;
 

@@ -264,6 +264,29 @@ impl VolumeClient {
         Ok(())
     }
 
+    /// Sends one request to member `member` under topology `t` (TOMA ↔ TOMA calls such as
+    /// FENCE_CLIENT, GET_DIRTY, PUT_LOCKS, RELEASE_LOCK go through an agent's own client).
+    pub async fn request(
+        &self,
+        t: &Topology,
+        member: MemberIdx,
+        msg: Message,
+    ) -> Result<Message, ClientError> {
+        let disk = t
+            .members
+            .get(member)
+            .ok_or_else(|| ClientError::Member(member, "no such member".into()))?
+            .disk;
+        let s = self
+            .inner
+            .link(disk)
+            .await
+            .map_err(|e| ClientError::Member(member, e.to_string()))?;
+        s.call(t.generation, msg)
+            .await
+            .map_err(|e| ClientError::Member(member, e.to_string()))
+    }
+
     /// Rebuild and recovery: copies `unit` from member `from` to the members `to` under
     /// topology `t`, taking the unit's locks first when `lock` is true, then clears the
     /// bits in `clear`. Returns the bytes copied per target.
@@ -509,7 +532,13 @@ impl Inner {
                     }
                     Retry::Backoff
                 }
-                ErrorCode::Busy => Retry::Backoff,
+                // A TOMA that has not learned this volume (or its newest topology) yet.
+                ErrorCode::Busy | ErrorCode::UnknownVolume => {
+                    if code == ErrorCode::UnknownVolume {
+                        self.links.lock().remove(&t.members[member].disk);
+                    }
+                    Retry::Backoff
+                }
                 ErrorCode::Fenced => {
                     let id = *self.client.lock();
                     self.fenced(id).await;

@@ -26,6 +26,9 @@ pub struct LeaderConfig {
     pub node_timeout: Duration,
     /// A member DEAD for this long (leader's clock) is replaced by a NEW disk, if one fits.
     pub replace_after: Duration,
+    /// A member reported unreachable by a client is tried again after this long (leader's
+    /// clock) if its agent did not restart meanwhile.
+    pub readmit_after: Duration,
     /// Deliberate bugs, for proving the checkers can fail. Default: none.
     pub mutations: Mutations,
 }
@@ -36,6 +39,7 @@ impl Default for LeaderConfig {
             name: "leader".into(),
             node_timeout: Duration::from_secs(10),
             replace_after: Duration::from_secs(600),
+            readmit_after: Duration::from_secs(30),
             mutations: Mutations::default(),
         }
     }
@@ -71,6 +75,8 @@ pub struct Leader {
     epoch: Option<Epoch>,
     seen: BTreeMap<NodeId, Seen>,
     dead_since: BTreeMap<(VolumeId, usize, DiskId), Duration>,
+    /// When this leader first saw each unreachability report, and the node's boot then.
+    unreachable_seen: BTreeMap<(VolumeId, DiskId, u64), (Duration, u64)>,
 }
 
 impl Leader {
@@ -82,6 +88,7 @@ impl Leader {
             epoch: None,
             seen: BTreeMap::new(),
             dead_since: BTreeMap::new(),
+            unreachable_seen: BTreeMap::new(),
         }
     }
 
@@ -146,11 +153,19 @@ impl Leader {
             let mut reports = Vec::with_capacity(t.n());
             for (i, m) in t.members.iter().enumerate() {
                 let mut present = disk_node.get(&m.disk).cloned();
-                let reported_unreachable = unreachable
-                    .iter()
-                    .any(|u| u.disk == m.disk && u.generation.saturating_add(1) >= t.generation);
-                if !m.role.is_dead() && reported_unreachable {
-                    present = None;
+                // A member a client cannot reach stays away until its agent restarts (a new
+                // boot) or, for a broken link, until `readmit_after` has passed on this
+                // leader's clock; then it is tried again.
+                if let (Some(node), Some(u)) =
+                    (&present, unreachable.iter().find(|u| u.disk == m.disk))
+                {
+                    let boot = self.seen.get(node).map_or(0, |s| s.boot);
+                    let key = (rec.id, m.disk, u.generation);
+                    let (first, boot_then) =
+                        *self.unreachable_seen.entry(key).or_insert((now, boot));
+                    if boot == boot_then && now.saturating_sub(first) < self.cfg.readmit_after {
+                        present = None;
+                    }
                 }
                 let status = statuses
                     .iter()
@@ -207,11 +222,6 @@ impl Leader {
             {
                 Ok(_) => {
                     info!(volume = %rec.name, from = %t, to = %next, "topology change");
-                    for (i, m) in next.members.iter().enumerate() {
-                        if m.role.is_dead() && !t.members[i].role.is_dead() {
-                            self.cp.clear_unreachable(rec.id, m.disk).await?;
-                        }
-                    }
                     changes.push(Transition {
                         volume: rec.id,
                         name: rec.name.clone(),

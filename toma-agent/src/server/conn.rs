@@ -1,0 +1,414 @@
+//! One datapath connection: REGISTER binds it to a (volume, client); every other request is
+//! checked (registered, not fenced, generation g or g−1) and served concurrently.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use toma_control::Unreachable;
+use toma_core::Role;
+use toma_wire::transport::{Conn, FrameSender};
+use toma_wire::{ErrorCode, Frame, LockEntry, Message, MAX_DIRTY_UNITS};
+use tracing::{debug, info, warn};
+
+use super::member::{ClientEntry, Member};
+use super::{fence, AgentInner};
+use crate::device::ALIGN;
+use crate::state::{ClientId, StateError};
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+struct Bound {
+    member: Arc<Member>,
+    client: ClientId,
+}
+
+pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
+    let conn_id = agent.next_conn.fetch_add(1, Ordering::Relaxed);
+    let peer = conn.peer().to_string();
+    let (sender, mut receiver) = conn.split();
+    let mut bound: Option<Bound> = None;
+    loop {
+        let frame = match receiver.recv().await {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(peer, error = %e, "connection ended");
+                break;
+            }
+        };
+        match &frame.msg {
+            Message::Register { .. } => {
+                let reply = register(&agent, &frame, &sender, conn_id, &mut bound);
+                let _ = sender.send(&frame.reply(reply)).await;
+            }
+            Message::AckTopo { generation } => {
+                if let Some(b) = &bound {
+                    let g = b.member.topology().generation;
+                    if let Some(c) = b.member.clients.lock().get_mut(&b.client) {
+                        c.acked = c.acked.max(*generation);
+                        if c.acked >= g {
+                            c.waiting_since = None;
+                        }
+                    }
+                    agent.poke();
+                }
+            }
+            _ => {
+                let Some(b) = &bound else {
+                    let _ = sender
+                        .send(&frame.reply(err(
+                            ErrorCode::NotRegistered,
+                            "REGISTER on this connection first",
+                        )))
+                        .await;
+                    continue;
+                };
+                if frame.volume != b.member.volume {
+                    let _ = sender
+                        .send(&frame.reply(err(
+                            ErrorCode::Invalid,
+                            format!(
+                                "this connection is registered for volume {}, not {}",
+                                b.member.volume, frame.volume
+                            ),
+                        )))
+                        .await;
+                    continue;
+                }
+                let (agent, member, client, sender) =
+                    (agent.clone(), b.member.clone(), b.client, sender.clone());
+                tokio::spawn(async move {
+                    let reply = handle(&agent, &member, client, &frame).await;
+                    let _ = sender.send(&frame.reply(reply)).await;
+                });
+            }
+        }
+    }
+    if let Some(b) = bound {
+        let now = agent.now();
+        if let Some(c) = b.member.clients.lock().get_mut(&b.client) {
+            if c.conn == conn_id {
+                c.sender = None;
+                c.waiting_since = Some(now);
+            }
+        }
+    }
+}
+
+fn register(
+    agent: &Arc<AgentInner>,
+    frame: &Frame,
+    sender: &FrameSender,
+    conn_id: u64,
+    bound: &mut Option<Bound>,
+) -> Message {
+    let Message::Register {
+        client,
+        secret,
+        held_locks,
+    } = &frame.msg
+    else {
+        return err(ErrorCode::Invalid, "not a REGISTER");
+    };
+    let Some(member) = agent.member(frame.volume) else {
+        // Perhaps a volume we have not learned yet: look again soon.
+        agent.poke();
+        return err(
+            ErrorCode::UnknownVolume,
+            format!(
+                "volume {} has no member on node {}",
+                frame.volume, agent.cfg.node
+            ),
+        );
+    };
+    if !member.secret.ct_eq(secret) {
+        warn!(volume = %member.name, peer = sender.peer(), "REGISTER with a wrong secret refused");
+        return err(ErrorCode::WrongSecret, "wrong secret for this volume");
+    }
+    let id = ClientId(*client);
+    let rt = member.runtime();
+    if rt.locks.is_fenced(id) {
+        return err(
+            ErrorCode::Fenced,
+            "this client id is fenced; register under a new id",
+        );
+    }
+    let t = member.topology();
+    for &unit in held_locks {
+        // Re-assert a lock the client still holds: after a restart of this TOMA (grace), or
+        // after a reconnect. Never steal another client's lock.
+        if rt.locks.holder(unit).is_none() {
+            let _ = rt.locks.install(unit, id);
+        }
+    }
+    let now = agent.now();
+    let acked = frame.generation.min(t.generation);
+    member.clients.lock().insert(
+        id,
+        ClientEntry {
+            sender: Some(sender.clone()),
+            acked,
+            waiting_since: if acked < t.generation {
+                Some(now)
+            } else {
+                None
+            },
+            conn: conn_id,
+        },
+    );
+    member.grace_waiting.lock().retain(|c| *c != *client);
+    debug!(volume = %member.name, client = %id, generation = frame.generation, "client registered");
+    *bound = Some(Bound {
+        member: member.clone(),
+        client: id,
+    });
+    agent.poke();
+    Message::Registered {
+        topology: (*t).clone(),
+    }
+}
+
+fn state_err(e: StateError) -> Message {
+    let code = match e {
+        StateError::Fenced { .. } => ErrorCode::Fenced,
+        StateError::NotHeld { .. } => ErrorCode::NotLockHolder,
+        StateError::UnitOutOfRange { .. } | StateError::TargetOutOfRange { .. } => {
+            ErrorCode::OutOfRange
+        }
+        StateError::HeldByOther { .. } => ErrorCode::Busy,
+    };
+    err(code, e.to_string())
+}
+
+fn aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && len > 0
+}
+
+async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<Bytes, Message> {
+    if !aligned(offset, len as usize) {
+        return Err(err(
+            ErrorCode::OutOfRange,
+            format!(
+                "read of {len} bytes at {offset}: offset and length must be multiples of {ALIGN}"
+            ),
+        ));
+    }
+    let (disk, vol, idx) = (m.disk.clone(), m.volume, m.idx());
+    let res = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        disk.read_member(vol, idx, offset, &mut buf).map(|_| buf)
+    })
+    .await;
+    match res {
+        Ok(Ok(buf)) => Ok(Bytes::from(buf)),
+        Ok(Err(e)) => {
+            if matches!(e, crate::superblock::SuperblockError::Device(_)) {
+                agent.mark_unhealthy(m.disk.id());
+            }
+            Err(err(ErrorCode::Io, e.to_string()))
+        }
+        Err(e) => Err(err(ErrorCode::Io, e.to_string())),
+    }
+}
+
+async fn handle(
+    agent: &Arc<AgentInner>,
+    m: &Arc<Member>,
+    client: ClientId,
+    frame: &Frame,
+) -> Message {
+    let rt = m.runtime();
+    if rt.locks.is_fenced(client) {
+        return err(ErrorCode::Fenced, "this client is fenced here");
+    }
+    let t = m.topology();
+    let g = t.generation;
+    if frame.generation.saturating_add(1) < g {
+        return err(
+            ErrorCode::StaleGeneration,
+            format!("generation {} is older than {} − 1", frame.generation, g),
+        );
+    }
+    if frame.generation > g {
+        // The control plane has not told us yet; the client retries.
+        agent.poke();
+        return err(
+            ErrorCode::Busy,
+            format!(
+                "generation {} is not known here yet (newest {g})",
+                frame.generation
+            ),
+        );
+    }
+    let units = m.spec.units();
+    let unit_ok = |u: u64| {
+        if u < units {
+            Ok(())
+        } else {
+            Err(err(
+                ErrorCode::OutOfRange,
+                format!("unit {u} is outside the volume ({units} units)"),
+            ))
+        }
+    };
+    match &frame.msg {
+        Message::Read { offset, len } => match read(agent, m, *offset, *len).await {
+            Ok(data) => Message::Data { data },
+            Err(e) => e,
+        },
+        Message::ReadTestLock { unit, offset, len } => {
+            if let Err(e) = unit_ok(*unit) {
+                return e;
+            }
+            // Test after read: a lock taken after the read began is seen.
+            match read(agent, m, *offset, *len).await {
+                Ok(data) => Message::DataLock {
+                    locked: rt.locks.held_by_other(*unit, client).is_some(),
+                    data,
+                },
+                Err(e) => e,
+            }
+        }
+        Message::Write { offset, data } => {
+            // Extra guard (the protocol must not need it): a client on the newest
+            // generation never writes a member that generation declares DEAD.
+            if frame.generation == g && t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
+            {
+                return err(ErrorCode::Invalid, "this member is DEAD in generation {g}");
+            }
+            if !aligned(*offset, data.len()) {
+                return err(
+                    ErrorCode::OutOfRange,
+                    format!(
+                        "write of {} bytes at {offset}: offset and length must be multiples of {ALIGN}",
+                        data.len()
+                    ),
+                );
+            }
+            let (disk, vol, idx, off, data) =
+                (m.disk.clone(), m.volume, m.idx(), *offset, data.clone());
+            // Re-check the fence right before the write lands.
+            if rt.locks.is_fenced(client) {
+                return err(ErrorCode::Fenced, "this client is fenced here");
+            }
+            match tokio::task::spawn_blocking(move || disk.write_member(vol, idx, off, &data)).await
+            {
+                Ok(Ok(())) => Message::Ok,
+                Ok(Err(e)) => {
+                    if matches!(e, crate::superblock::SuperblockError::Device(_)) {
+                        agent.mark_unhealthy(m.disk.id());
+                    }
+                    err(ErrorCode::Io, e.to_string())
+                }
+                Err(e) => err(ErrorCode::Io, e.to_string()),
+            }
+        }
+        Message::Lock { unit } => {
+            if let Err(e) = unit_ok(*unit) {
+                return e;
+            }
+            if m.grace_until.lock().is_some() {
+                return err(
+                    ErrorCode::Busy,
+                    "this TOMA restarted and waits for clients to re-assert their locks",
+                );
+            }
+            match rt.locks.lock(*unit, client) {
+                Ok(()) => Message::Ok,
+                Err(StateError::HeldByOther { holder, .. }) => Message::Locked { holder: holder.0 },
+                Err(e) => state_err(e),
+            }
+        }
+        Message::Unlock { unit } => match rt.locks.unlock(*unit, client) {
+            Ok(()) => Message::Ok,
+            Err(e) => state_err(e),
+        },
+        Message::SetDirty { unit, targets } => match rt.dirty.set(*unit, u64::from(*targets)) {
+            Ok(()) => Message::Ok,
+            Err(e) => state_err(e),
+        },
+        Message::ClearDirty { unit, targets } => match rt.dirty.clear(*unit, u64::from(*targets)) {
+            Ok(()) => Message::Ok,
+            Err(e) => state_err(e),
+        },
+        Message::Flush => {
+            let disk = m.disk.clone();
+            match tokio::task::spawn_blocking(move || disk.flush()).await {
+                Ok(Ok(())) => Message::Ok,
+                Ok(Err(e)) => err(ErrorCode::Io, e.to_string()),
+                Err(e) => err(ErrorCode::Io, e.to_string()),
+            }
+        }
+        Message::ReportUnreachable { member } => {
+            let Some(target) = t.members.get(usize::from(*member)) else {
+                return err(
+                    ErrorCode::OutOfRange,
+                    format!("member {member} does not exist"),
+                );
+            };
+            if target.role.is_dead() {
+                return Message::Ok;
+            }
+            info!(volume = %m.name, member, generation = frame.generation, "a client reports a member unreachable");
+            let report = Unreachable {
+                volume: m.volume,
+                disk: target.disk,
+                generation: frame.generation,
+            };
+            match agent.cp.report_unreachable(report).await {
+                Ok(()) => Message::Ok,
+                Err(e) => err(ErrorCode::Busy, format!("control plane: {e}")),
+            }
+        }
+        Message::FenceClient { client: victim } => {
+            fence::start(
+                agent.clone(),
+                m.clone(),
+                ClientId(*victim),
+                "fenced by a peer TOMA",
+            );
+            Message::Ok
+        }
+        Message::ReleaseLock {
+            unit,
+            client: holder,
+        } => {
+            if rt.locks.holder(*unit) == Some(ClientId(*holder)) {
+                rt.locks.force_unlock(*unit);
+            }
+            Message::Ok
+        }
+        Message::GetLocks { units: r } => Message::Locks {
+            locks: rt
+                .locks
+                .locks_in(r.clone())
+                .into_iter()
+                .map(|(unit, c)| LockEntry { unit, client: c.0 })
+                .collect(),
+        },
+        Message::PutLocks { locks } => {
+            for l in locks {
+                let _ = rt.locks.install(l.unit, ClientId(l.client));
+            }
+            Message::Ok
+        }
+        Message::GetDirty { target, units: r } => {
+            if r.end.saturating_sub(r.start) > MAX_DIRTY_UNITS {
+                return err(ErrorCode::OutOfRange, "too many units in one GET_DIRTY");
+            }
+            Message::Dirty {
+                first: r.start,
+                bits: Bytes::from(rt.dirty.bits_in(usize::from(*target), r.clone())),
+            }
+        }
+        other => err(
+            ErrorCode::Invalid,
+            format!("{:?} is not a request a TOMA serves", other.kind()),
+        ),
+    }
+}

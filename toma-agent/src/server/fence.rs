@@ -1,0 +1,179 @@
+//! Fencing a client and recovering its stale locks (DESIGN.md §5.1, docs/datapath.md):
+//! fence here, fence on every other live member and wait for each answer, and only then copy
+//! each chunk it held locked from this (read) member to the others and free the locks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use toma_core::placement::{locks, read_member, sets_dirty, write_members};
+use toma_wire::{Message, MAX_MEMBERS};
+use tracing::{info, warn};
+
+use super::member::Member;
+use super::AgentInner;
+use crate::state::ClientId;
+
+/// Starts fencing `client` on `m` (once; later calls while it runs do nothing).
+pub(super) fn start(agent: Arc<AgentInner>, m: Arc<Member>, client: ClientId, why: &'static str) {
+    {
+        let mut f = m.fencing.lock();
+        if f.contains(&client) {
+            return;
+        }
+        f.push(client);
+    }
+    // Step 1: nothing of that client is applied here from now on.
+    m.runtime().locks.fence(client);
+    let entry = m.clients.lock().remove(&client);
+    m.grace_waiting.lock().retain(|c| *c != client.0);
+    info!(volume = %m.name, %client, why, "fencing client");
+    let tasks = agent.clone();
+    let h = tokio::spawn(async move {
+        if let Some(sender) = entry.and_then(|e| e.sender) {
+            let t = m.topology();
+            let _ = sender
+                .send(&toma_wire::Frame::new(
+                    0,
+                    m.volume,
+                    t.generation,
+                    Message::fenced(why),
+                ))
+                .await;
+            sender.close();
+        }
+        recover(&agent, &m, client).await;
+        m.fencing.lock().retain(|c| *c != client);
+        agent.poke();
+    });
+    tasks.tasks.lock().push(h);
+}
+
+async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
+    let Some(local) = agent.local_client(m.volume).await else {
+        return;
+    };
+    // Step 2: every other live member fences it too.
+    loop {
+        let t = m.topology();
+        let me = m.idx();
+        let mut pending = false;
+        for other in t.alive() {
+            if other == me {
+                continue;
+            }
+            match local
+                .request(&t, other, Message::FenceClient { client: client.0 })
+                .await
+            {
+                Ok(Message::Ok) => {}
+                _ => pending = true,
+            }
+        }
+        if !pending {
+            break;
+        }
+        // A member that does not answer is waited for until the topology marks it DEAD.
+        let g = t.generation;
+        local
+            .wait_generation(g + 1, Duration::from_millis(500))
+            .await;
+    }
+    // Step 3: copy and free what it held here, for the chunks this member reads.
+    let rt = m.runtime();
+    let held = rt.locks.locks_of(client);
+    if held.is_empty() {
+        return;
+    }
+    info!(volume = %m.name, %client, units = held.len(), "recovering stale locks");
+    for unit in held {
+        loop {
+            let t = m.topology();
+            let me = m.idx();
+            let reader = read_member(&t, unit);
+            if reader != Some(me) {
+                // Another member reads this chunk: its TOMA recovers it and frees our lock,
+                // if it holds the client's lock too. If it does not, the client never held
+                // the whole lock set, so it wrote nothing: free ours.
+                let Some(r) = reader else {
+                    local
+                        .wait_generation(t.generation + 1, Duration::from_millis(200))
+                        .await;
+                    continue;
+                };
+                match local
+                    .request(
+                        &t,
+                        r,
+                        Message::GetLocks {
+                            units: unit..unit + 1,
+                        },
+                    )
+                    .await
+                {
+                    Ok(Message::Locks { locks }) => {
+                        if !locks.iter().any(|l| l.client == client.0)
+                            && rt.locks.holder(unit) == Some(client)
+                        {
+                            rt.locks.force_unlock(unit);
+                        }
+                        break;
+                    }
+                    _ => {
+                        local
+                            .wait_generation(t.generation + 1, Duration::from_millis(200))
+                            .await;
+                        continue;
+                    }
+                }
+            }
+            let to: Vec<usize> = write_members(&t, unit)
+                .into_iter()
+                .filter(|&x| x != me)
+                .collect();
+            let mut ok = true;
+            if let Some(d) = sets_dirty(&t, unit) {
+                let targets =
+                    d.targets.iter().fold(0u16, |a, &i| a | (1 << i)) & ((1 << MAX_MEMBERS) - 1);
+                for h in d.holders {
+                    if local
+                        .request(&t, h, Message::SetDirty { unit, targets })
+                        .await
+                        .is_err()
+                    {
+                        ok = false;
+                    }
+                }
+            }
+            if ok && !to.is_empty() {
+                if let Err(e) = local.copy_unit(&t, unit, me, &to, None, false).await {
+                    warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
+                    ok = false;
+                }
+            }
+            if ok {
+                for l in locks(&t, unit) {
+                    if l == me {
+                        if rt.locks.holder(unit) == Some(client) {
+                            rt.locks.force_unlock(unit);
+                        }
+                    } else {
+                        let _ = local
+                            .request(
+                                &t,
+                                l,
+                                Message::ReleaseLock {
+                                    unit,
+                                    client: client.0,
+                                },
+                            )
+                            .await;
+                    }
+                }
+                break;
+            }
+            local
+                .wait_generation(t.generation + 1, Duration::from_millis(200))
+                .await;
+        }
+    }
+}

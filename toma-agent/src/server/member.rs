@@ -1,0 +1,108 @@
+//! One volume member hosted by this agent: its topology as this TOMA knows it, its
+//! registered clients and their acknowledgements, and its RAM locks and dirty bits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use toma_control::RebuildProgress;
+use toma_core::{Generation, MemberIdx, Role, Topology, VolumeId, VolumeSpec};
+use toma_wire::transport::FrameSender;
+use toma_wire::{Frame, Message, Secret};
+
+use crate::disk::Disk;
+use crate::state::{ClientId, MemberRuntime};
+
+/// A client registered on this member.
+pub struct ClientEntry {
+    /// Where SWITCH_TOPO goes; `None` while disconnected.
+    pub sender: Option<FrameSender>,
+    /// The newest generation it acknowledged here.
+    pub acked: Generation,
+    /// When (this agent's clock) it started owing an acknowledgement or got disconnected.
+    pub waiting_since: Option<Duration>,
+    /// Connection id of the live connection (to tell a stale disconnect from a live one).
+    pub conn: u64,
+}
+
+/// What one hosted member knows and holds.
+pub struct Member {
+    pub volume: VolumeId,
+    pub name: String,
+    pub spec: VolumeSpec,
+    pub secret: Secret,
+    pub disk: Arc<Disk>,
+    pub idx: Mutex<MemberIdx>,
+    pub topology: Mutex<Arc<Topology>>,
+    pub runtime: Mutex<Arc<MemberRuntime>>,
+    pub clients: Mutex<HashMap<ClientId, ClientEntry>>,
+    /// Until then (this agent's clock) locks are not granted: the agent restarted and waits
+    /// for attached clients to re-register with their held locks.
+    pub grace_until: Mutex<Option<Duration>>,
+    /// Clients the control plane lists as attached when the grace period began; the grace
+    /// ends early once all of them re-registered.
+    pub grace_waiting: Mutex<Vec<u128>>,
+    /// This TOMA lost its dirty bits while the volume was degraded (it restarted).
+    pub dirty_bits_lost: Mutex<bool>,
+    pub rebuild: Mutex<Option<RebuildProgress>>,
+    /// Clients being fenced right now (recovery in progress).
+    pub fencing: Mutex<Vec<ClientId>>,
+}
+
+impl Member {
+    pub fn idx(&self) -> MemberIdx {
+        *self.idx.lock()
+    }
+
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.lock().clone()
+    }
+
+    pub fn runtime(&self) -> Arc<MemberRuntime> {
+        self.runtime.lock().clone()
+    }
+
+    pub fn role(&self) -> Role {
+        let t = self.topology();
+        t.members
+            .get(self.idx())
+            .map(|m| m.role)
+            .unwrap_or(Role::Dead)
+    }
+
+    /// The generation every registered, unfenced client acknowledged.
+    pub fn synced(&self) -> Generation {
+        let g = self.topology().generation;
+        let rt = self.runtime();
+        self.clients
+            .lock()
+            .iter()
+            .filter(|(id, _)| !rt.locks.is_fenced(**id))
+            .map(|(_, c)| c.acked.min(g))
+            .min()
+            .unwrap_or(g)
+    }
+
+    /// Pushes the current topology to every connected client.
+    pub async fn push_topology(&self) {
+        let t = self.topology();
+        let senders: Vec<FrameSender> = self
+            .clients
+            .lock()
+            .values()
+            .filter_map(|c| c.sender.clone())
+            .collect();
+        let frame = Frame::new(
+            0,
+            self.volume,
+            t.generation,
+            Message::SwitchTopo {
+                topology: (*t).clone(),
+            },
+        );
+        for s in senders {
+            let _ = s.send(&frame).await;
+        }
+    }
+}

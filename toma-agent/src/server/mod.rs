@@ -1,0 +1,518 @@
+//! The TOMA agent's datapath server and its control loop (protocol: `docs/datapath.md`).
+//!
+//! * [`Agent::start`] opens the listener and spawns: the accept loop, one task per
+//!   connection (requests of a connection are served concurrently: pipelined), and the
+//!   reconcile loop (heartbeat, topologies from the control plane, SWITCH_TOPO pushes,
+//!   acknowledgement timeouts and fencing, status reports, rebuilds).
+//! * Every timeout is a duration on this agent's own monotonic [`Clock`].
+
+mod conn;
+mod fence;
+mod member;
+mod rebuild;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use toma_client::{ClientConfig, VolumeClient};
+use toma_control::{Clock, ControlPlane, DiskRecord, MemberStatus, NodeRecord, VolumeRecord};
+use toma_core::{DiskId, NodeId, Phase, Role, Topology, VolumeId};
+use toma_wire::transport::Transport;
+use toma_wire::Secret;
+use tracing::{debug, info, warn};
+
+use crate::disk::Disk;
+use crate::state::{ClientId, MemberRuntime};
+use crate::superblock::{MemberState, SUPERBLOCK_AREA};
+
+pub use member::Member;
+
+/// How an agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: NodeId,
+    /// Address to listen on (`127.0.0.2:0` picks a port).
+    pub listen: String,
+    /// How often the agent reports (heartbeat) and checks its timers.
+    pub tick: Duration,
+    /// A client that has not acknowledged a pushed topology in this long is fenced.
+    pub ack_timeout: Duration,
+    /// A client whose connection dropped is fenced unless it re-registers within this long.
+    pub reconnect_grace: Duration,
+    /// After a restart, locks are not granted for this long unless every attached client
+    /// re-registered sooner.
+    pub restart_grace: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node: impl Into<NodeId>, listen: impl Into<String>) -> Self {
+        AgentConfig {
+            node: node.into(),
+            listen: listen.into(),
+            tick: Duration::from_millis(200),
+            ack_timeout: Duration::from_secs(5),
+            reconnect_grace: Duration::from_secs(5),
+            restart_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+pub(crate) struct AgentInner {
+    pub cfg: AgentConfig,
+    pub cp: Arc<dyn ControlPlane>,
+    pub transport: Arc<dyn Transport>,
+    pub clock: Arc<dyn Clock>,
+    pub disks: Vec<Arc<Disk>>,
+    pub healthy: HashMap<DiskId, AtomicBool>,
+    pub members: Mutex<HashMap<VolumeId, Arc<Member>>>,
+    pub local: tokio::sync::Mutex<HashMap<VolumeId, VolumeClient>>,
+    pub next_conn: AtomicU64,
+    pub endpoint: String,
+    pub boot: u64,
+    pub heartbeat: AtomicU64,
+    pub tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Poked when something worth reporting changed (an ack, a fence).
+    pub poke: watch::Sender<u64>,
+}
+
+/// A running agent. Dropping the handle does not stop it; call [`AgentHandle::shutdown`].
+pub struct AgentHandle {
+    inner: Arc<AgentInner>,
+}
+
+impl AgentHandle {
+    /// Where clients reach this agent.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.inner.cfg.node
+    }
+
+    /// The members this agent hosts now.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.inner.members.lock().values().cloned().collect()
+    }
+
+    /// Stops everything at once, like a crash: connections drop, RAM state is lost, and
+    /// the agent stops reporting. Disks are closed when the last reference goes.
+    pub fn kill(&self) {
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        for m in self.inner.members.lock().values() {
+            for c in m.clients.lock().values() {
+                if let Some(s) = &c.sender {
+                    s.close();
+                }
+            }
+        }
+        self.inner.members.lock().clear();
+    }
+}
+
+impl Agent {
+    /// Starts an agent on `disks` (already opened).
+    pub async fn start(
+        cfg: AgentConfig,
+        disks: Vec<Arc<Disk>>,
+        cp: Arc<dyn ControlPlane>,
+        transport: Arc<dyn Transport>,
+        clock: Arc<dyn Clock>,
+    ) -> std::io::Result<AgentHandle> {
+        let mut listener = transport.listen(&cfg.listen).await?;
+        let endpoint = listener.local_addr();
+        let boot = disks.iter().map(|d| d.boot_counter()).max().unwrap_or(0);
+        let healthy = disks
+            .iter()
+            .map(|d| (d.id(), AtomicBool::new(true)))
+            .collect();
+        let inner = Arc::new(AgentInner {
+            cfg,
+            cp,
+            transport,
+            clock,
+            disks,
+            healthy,
+            members: Mutex::new(HashMap::new()),
+            local: tokio::sync::Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            endpoint,
+            boot,
+            heartbeat: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+            poke: watch::Sender::new(0),
+        });
+        info!(node = %inner.cfg.node, endpoint = %inner.endpoint, disks = inner.disks.len(), boot, "agent started");
+        let acc = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok(conn) => {
+                            let h = tokio::spawn(conn::serve(inner.clone(), conn));
+                            let mut tasks = inner.tasks.lock();
+                            tasks.retain(|t| !t.is_finished());
+                            tasks.push(h);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        };
+        // First report before anyone looks for us.
+        inner.report_node().await;
+        let rec = tokio::spawn(reconcile_loop(inner.clone()));
+        inner.tasks.lock().extend([acc, rec]);
+        Ok(AgentHandle { inner })
+    }
+}
+
+/// The agent type (its constructor is [`Agent::start`]).
+pub struct Agent;
+
+impl AgentInner {
+    pub fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    pub fn member(&self, volume: VolumeId) -> Option<Arc<Member>> {
+        self.members.lock().get(&volume).cloned()
+    }
+
+    pub fn poke(&self) {
+        self.poke.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn mark_unhealthy(&self, disk: DiskId) {
+        if let Some(h) = self.healthy.get(&disk) {
+            if h.swap(false, Ordering::SeqCst) {
+                warn!(disk = %disk, "disk I/O failed; reporting it unhealthy");
+                self.poke();
+            }
+        }
+    }
+
+    /// This agent's own client of `volume`, for rebuild and recovery.
+    pub async fn local_client(&self, volume: VolumeId) -> Option<VolumeClient> {
+        let mut local = self.local.lock().await;
+        if let Some(c) = local.get(&volume) {
+            return Some(c.clone());
+        }
+        let cfg = ClientConfig {
+            node: self.cfg.node.0.clone(),
+            ..ClientConfig::default()
+        };
+        match VolumeClient::attach(self.cp.clone(), self.transport.clone(), volume, cfg).await {
+            Ok(c) => {
+                local.insert(volume, c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                warn!(volume = %volume, error = %e, "cannot attach the local client");
+                None
+            }
+        }
+    }
+
+    async fn report_node(&self) {
+        let beat = self.heartbeat.fetch_add(1, Ordering::Relaxed) + 1;
+        let node = NodeRecord {
+            node: self.cfg.node.clone(),
+            endpoint: self.endpoint.clone(),
+            heartbeat: beat,
+            boot: self.boot,
+        };
+        if let Err(e) = self.cp.put_node(node).await {
+            debug!(error = %e, "heartbeat not written");
+        }
+        for d in &self.disks {
+            let used: u64 = d.extents().iter().map(|e| e.length).sum();
+            let free = d
+                .size()
+                .saturating_sub(SUPERBLOCK_AREA)
+                .saturating_sub(used);
+            let healthy = self
+                .healthy
+                .get(&d.id())
+                .is_some_and(|h| h.load(Ordering::SeqCst));
+            let rec = DiskRecord {
+                disk: d.id(),
+                node: self.cfg.node.clone(),
+                capacity: d.size(),
+                free,
+                healthy,
+            };
+            if let Err(e) = self.cp.put_disk(rec).await {
+                debug!(error = %e, "disk report not written");
+            }
+        }
+    }
+
+    /// Brings hosted members in line with the control plane's volumes.
+    async fn sync_volumes(self: &Arc<Self>) {
+        let vols = match self.cp.volumes().await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, "control plane unreachable; serving the topologies we have");
+                return;
+            }
+        };
+        let mut seen = Vec::new();
+        for v in vols {
+            let rec = v.value;
+            let t = &rec.topology;
+            let Some((idx, disk)) = t.members.iter().enumerate().find_map(|(i, m)| {
+                self.disks
+                    .iter()
+                    .find(|d| d.id() == m.disk)
+                    .map(|d| (i, d.clone()))
+            }) else {
+                continue;
+            };
+            seen.push(rec.id);
+            let existing = self.member(rec.id);
+            match existing {
+                None => self.host(&rec, idx, disk).await,
+                Some(m) => {
+                    if t.generation > m.topology().generation {
+                        self.apply_topology(&m, t.clone(), idx).await;
+                    }
+                }
+            }
+        }
+        // Volumes that are gone: free their extents.
+        let gone: Vec<Arc<Member>> = self
+            .members
+            .lock()
+            .values()
+            .filter(|m| !seen.contains(&m.volume))
+            .cloned()
+            .collect();
+        for m in gone {
+            info!(volume = %m.name, "volume deleted; freeing its extent");
+            self.members.lock().remove(&m.volume);
+            self.local.lock().await.remove(&m.volume);
+            let disk = m.disk.clone();
+            let (vol, idx) = (m.volume, m.idx());
+            let _ = tokio::task::spawn_blocking(move || disk.free_extent(vol, idx)).await;
+        }
+    }
+
+    /// Starts hosting `rec`'s member `idx` on `disk`.
+    async fn host(self: &Arc<Self>, rec: &VolumeRecord, idx: usize, disk: Arc<Disk>) {
+        let t = rec.topology.clone();
+        let had_extent = disk.extent(rec.id, idx).is_some();
+        if !had_extent {
+            let (d, vol, len, g) = (disk.clone(), rec.id, rec.spec.member_bytes(), t.generation);
+            match tokio::task::spawn_blocking(move || d.allocate_extent(vol, idx, len, g)).await {
+                Ok(Ok(e)) => {
+                    info!(volume = %rec.name, member = idx, offset = e.offset, length = e.length, "extent allocated");
+                }
+                Ok(Err(e)) => {
+                    warn!(volume = %rec.name, error = %e, "cannot allocate the member's extent");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "allocation task failed");
+                    return;
+                }
+            }
+        }
+        let units = rec.spec.units();
+        let runtime = Arc::new(MemberRuntime::new(units, t.n()));
+        let now = self.now();
+        let role = t.members[idx].role;
+        // A restart (the extent existed): locks and dirty bits were lost.
+        let restarted = had_extent;
+        let degraded = t.members.iter().any(|m| m.role != Role::Rwl);
+        let attached = if restarted {
+            self.cp
+                .attachments(rec.id)
+                .await
+                .map(|a| a.into_iter().map(|a| a.client).collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let m = Arc::new(Member {
+            volume: rec.id,
+            name: rec.name.clone(),
+            spec: rec.spec,
+            secret: Secret(rec.secret),
+            disk: disk.clone(),
+            idx: Mutex::new(idx),
+            topology: Mutex::new(Arc::new(t.clone())),
+            runtime: Mutex::new(runtime),
+            clients: Mutex::new(HashMap::new()),
+            grace_until: Mutex::new(if restarted && !attached.is_empty() {
+                Some(now + self.cfg.restart_grace)
+            } else {
+                None
+            }),
+            grace_waiting: Mutex::new(attached),
+            dirty_bits_lost: Mutex::new(restarted && degraded && role == Role::Rwl),
+            rebuild: Mutex::new(None),
+            fencing: Mutex::new(Vec::new()),
+        });
+        info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, "hosting member");
+        self.members.lock().insert(rec.id, m.clone());
+        self.record_extent(&m, &t, idx).await;
+    }
+
+    async fn record_extent(&self, m: &Member, t: &Topology, idx: usize) {
+        let state = MemberState::Member(t.members[idx].role);
+        let (d, vol, g) = (m.disk.clone(), m.volume, t.generation);
+        match tokio::task::spawn_blocking(move || d.update_extent(vol, idx, g, state)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(volume = %m.name, error = %e, "cannot record the member's generation")
+            }
+            Err(e) => warn!(error = %e, "superblock task failed"),
+        }
+    }
+
+    /// Learns topology `t` (newer than the one the member has).
+    async fn apply_topology(self: &Arc<Self>, m: &Arc<Member>, t: Topology, idx: usize) {
+        let old = m.topology();
+        let now = self.now();
+        let role = t.members[idx].role;
+        let old_role = old.members.get(idx).map(|x| x.role).unwrap_or(Role::Dead);
+        // Rebuild-init, on the returning member: forget its locks and dirty bits.
+        if role == Role::W && old_role == Role::Dead {
+            *m.runtime.lock() = Arc::new(MemberRuntime::new(m.spec.units(), t.n()));
+        }
+        // Rebuild-init, on a readable member: a NEW disk (or lost bits) is all dirty.
+        if role == Role::Rwl {
+            let rt = m.runtime();
+            for (k, mk) in t.members.iter().enumerate() {
+                let entering = old
+                    .members
+                    .get(k)
+                    .is_some_and(|o| o.role == Role::Dead || o.disk != mk.disk);
+                if mk.role == Role::W && mk.full_rebuild && entering {
+                    if let Err(e) = rt.dirty.set_all(k) {
+                        warn!(error = %e, "cannot set all dirty bits");
+                    }
+                }
+            }
+        }
+        if t.phase() == Phase::Normal {
+            *m.dirty_bits_lost.lock() = false;
+        }
+        *m.idx.lock() = idx;
+        *m.topology.lock() = Arc::new(t.clone());
+        {
+            let mut clients = m.clients.lock();
+            for c in clients.values_mut() {
+                if c.acked < t.generation && c.waiting_since.is_none() {
+                    c.waiting_since = Some(now);
+                }
+            }
+        }
+        debug!(volume = %m.name, from = %old, to = %t, "topology learned");
+        self.record_extent(m, &t, idx).await;
+        m.push_topology().await;
+    }
+
+    /// Fences clients that owe an acknowledgement for too long or vanished, and ends grace
+    /// periods.
+    fn check_timers(self: &Arc<Self>) {
+        let now = self.now();
+        let members: Vec<Arc<Member>> = self.members.lock().values().cloned().collect();
+        for m in members {
+            let mut late = Vec::new();
+            for (id, c) in m.clients.lock().iter() {
+                let limit = if c.sender.is_some() {
+                    self.cfg.ack_timeout
+                } else {
+                    self.cfg.reconnect_grace
+                };
+                if c.waiting_since
+                    .is_some_and(|s| now.saturating_sub(s) >= limit)
+                {
+                    late.push(*id);
+                }
+            }
+            let grace_over = {
+                let mut g = m.grace_until.lock();
+                match *g {
+                    Some(until) if now >= until || m.grace_waiting.lock().is_empty() => {
+                        *g = None;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if grace_over {
+                let missing: Vec<u128> = std::mem::take(&mut *m.grace_waiting.lock());
+                if !missing.is_empty() {
+                    info!(volume = %m.name, missing = missing.len(), "grace period over; fencing clients that did not come back");
+                }
+                late.extend(missing.into_iter().map(ClientId));
+            }
+            for id in late {
+                fence::start(
+                    self.clone(),
+                    m.clone(),
+                    id,
+                    "no acknowledgement or reconnection in time",
+                );
+            }
+        }
+    }
+
+    async fn report_members(self: &Arc<Self>) {
+        let members: Vec<Arc<Member>> = self.members.lock().values().cloned().collect();
+        for m in members {
+            let t = m.topology();
+            let idx = m.idx();
+            let Some(me) = t.members.get(idx) else {
+                continue;
+            };
+            let status = MemberStatus {
+                volume: m.volume,
+                disk: me.disk,
+                node: self.cfg.node.clone(),
+                synced: m.synced(),
+                boot: self.boot,
+                dirty_bits_lost: *m.dirty_bits_lost.lock(),
+                rebuild: *m.rebuild.lock(),
+            };
+            if let Err(e) = self.cp.put_member_status(status).await {
+                debug!(error = %e, "status not written");
+            }
+            rebuild::maybe_start(self.clone(), m.clone());
+        }
+    }
+}
+
+async fn reconcile_loop(inner: Arc<AgentInner>) {
+    let mut changes = inner.cp.changes();
+    let mut poke = inner.poke.subscribe();
+    let mut last_beat = inner.now();
+    loop {
+        let now = inner.now();
+        if now.saturating_sub(last_beat) >= inner.cfg.tick {
+            inner.report_node().await;
+            last_beat = now;
+        }
+        inner.sync_volumes().await;
+        inner.check_timers();
+        inner.report_members().await;
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = poke.changed() => {}
+            _ = tokio::time::sleep(inner.cfg.tick) => {}
+        }
+    }
+}
