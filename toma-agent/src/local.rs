@@ -56,6 +56,7 @@ pub struct LocalCluster {
     pub clock: Arc<dyn Clock>,
     cluster: ClusterId,
     timers: LocalTimers,
+    dir: PathBuf,
     nodes: Vec<Node>,
     leader_stop: tokio::sync::watch::Sender<bool>,
     leader: Option<tokio::task::JoinHandle<()>>,
@@ -112,6 +113,7 @@ impl LocalCluster {
             clock,
             cluster: ClusterId(random_u128()),
             timers,
+            dir: dir.to_path_buf(),
             nodes: list,
             leader_stop,
             leader: None,
@@ -158,6 +160,13 @@ impl LocalCluster {
 
     /// (Re)starts node `i`'s agent on its disk files (RAM state starts empty, as after a crash).
     pub async fn start_agent(&mut self, i: usize) -> std::io::Result<()> {
+        self.launch_agent(i, true).await
+    }
+
+    /// Starts node `i`'s agent. With `wait_in_use`, a disk still locked by a killed agent of
+    /// this node is waited for (its tasks let go asynchronously); otherwise every refusal is
+    /// returned at once.
+    async fn launch_agent(&mut self, i: usize, wait_in_use: bool) -> std::io::Result<()> {
         let node = &self.nodes[i];
         let cfg = DiskConfig {
             cluster: self.cluster,
@@ -170,7 +179,8 @@ impl LocalCluster {
             match Disks::open_with(&cfg, &mut random_disk_id) {
                 Ok(d) => break d,
                 Err(e)
-                    if e.to_string().contains("in use")
+                    if wait_in_use
+                        && e.to_string().contains("in use")
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -194,6 +204,58 @@ impl LocalCluster {
         .await?;
         self.nodes[i].agent = Some(h);
         Ok(())
+    }
+
+    /// Adds a node with `disks` sparse disk files of `disk_size` bytes (under the cluster's
+    /// directory) and starts its agent on the next 127.0.0.x. Returns its index.
+    pub async fn add_node(&mut self, disks: usize, disk_size: u64) -> std::io::Result<usize> {
+        let i = self.nodes.len();
+        let ndir = self.dir.join(format!("node{}", i + 1));
+        std::fs::create_dir_all(&ndir)?;
+        let mut paths = Vec::new();
+        for d in 0..disks {
+            let p = ndir.join(format!("disk{d}.img"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)?;
+            if f.metadata()?.len() < disk_size {
+                f.set_len(disk_size)?;
+            }
+            paths.push(p);
+        }
+        self.add_node_with_disks(paths).await
+    }
+
+    /// Adds a node whose agent serves exactly the disks at `paths` (which must exist, be big
+    /// enough and not be in use by another agent: refusals are returned, naming the path, and
+    /// the node is not added). Returns its index.
+    pub async fn add_node_with_disks(&mut self, paths: Vec<PathBuf>) -> std::io::Result<usize> {
+        let i = self.nodes.len();
+        self.nodes.push(Node {
+            name: NodeId(format!("node{}", i + 1)),
+            listen: format!("127.0.0.{}:0", i + 2),
+            disk_paths: paths,
+            agent: None,
+        });
+        if let Err(e) = self.launch_agent(i, false).await {
+            self.nodes.pop();
+            return Err(e);
+        }
+        Ok(i)
+    }
+
+    /// The node index whose agent serves member `member` of volume `id` now.
+    pub async fn node_of_member(&self, id: VolumeId, member: usize) -> Option<usize> {
+        let t = self.topology(id).await?;
+        let node = &t.members.get(member)?.node;
+        self.nodes.iter().position(|n| &n.name == node)
+    }
+
+    /// The volume's record (spec and secret included), for raw-protocol tests.
+    pub async fn volume_record(&self, id: VolumeId) -> Option<VolumeRecord> {
+        self.cp.volume(id).await.ok().flatten().map(|v| v.value)
     }
 
     /// Kills node `i`'s agent like a crash: its disks stop answering, its RAM state is lost.

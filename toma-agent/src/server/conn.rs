@@ -15,6 +15,7 @@ use super::member::{ClientEntry, Member};
 use super::{fence, AgentInner};
 use crate::device::ALIGN;
 use crate::state::{ClientId, StateError};
+use crate::superblock::SuperblockError;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error {
@@ -189,6 +190,19 @@ fn aligned(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && len > 0
 }
 
+/// The reply to a failed member read or write: I/O outside the member's extent is the
+/// client's mistake (`OutOfRange`, the disk is fine); a device error marks the disk unhealthy.
+fn io_err(agent: &AgentInner, m: &Member, e: SuperblockError) -> Message {
+    match e {
+        SuperblockError::OutsideExtent { .. } => err(ErrorCode::OutOfRange, e.to_string()),
+        SuperblockError::Device(_) => {
+            agent.mark_unhealthy(m.disk.id());
+            err(ErrorCode::Io, e.to_string())
+        }
+        _ => err(ErrorCode::Io, e.to_string()),
+    }
+}
+
 async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<Bytes, Message> {
     if !aligned(offset, len as usize) {
         return Err(err(
@@ -206,12 +220,7 @@ async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<B
     .await;
     match res {
         Ok(Ok(buf)) => Ok(Bytes::from(buf)),
-        Ok(Err(e)) => {
-            if matches!(e, crate::superblock::SuperblockError::Device(_)) {
-                agent.mark_unhealthy(m.disk.id());
-            }
-            Err(err(ErrorCode::Io, e.to_string()))
-        }
+        Ok(Err(e)) => Err(io_err(agent, m, e)),
         Err(e) => Err(err(ErrorCode::Io, e.to_string())),
     }
 }
@@ -279,7 +288,10 @@ async fn handle(
             // generation never writes a member that generation declares DEAD.
             if frame.generation == g && t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
             {
-                return err(ErrorCode::Invalid, "this member is DEAD in generation {g}");
+                return err(
+                    ErrorCode::Invalid,
+                    format!("this member is DEAD in generation {g}"),
+                );
             }
             if !aligned(*offset, data.len()) {
                 return err(
@@ -299,12 +311,7 @@ async fn handle(
             match tokio::task::spawn_blocking(move || disk.write_member(vol, idx, off, &data)).await
             {
                 Ok(Ok(())) => Message::Ok,
-                Ok(Err(e)) => {
-                    if matches!(e, crate::superblock::SuperblockError::Device(_)) {
-                        agent.mark_unhealthy(m.disk.id());
-                    }
-                    err(ErrorCode::Io, e.to_string())
-                }
+                Ok(Err(e)) => io_err(agent, m, e),
                 Err(e) => err(ErrorCode::Io, e.to_string()),
             }
         }
