@@ -70,15 +70,20 @@ impl GenTracker {
         });
     }
 
-    /// Starts an I/O under `generation`.
-    pub fn begin(&self, generation: Generation) -> IoGuard {
+    /// Starts an I/O under `generation`, unless a newer generation is already in use: an
+    /// I/O must never start under a generation older than one this client may have
+    /// acknowledged (the caller re-reads the topology and tries again).
+    pub fn begin(&self, generation: Generation) -> Option<IoGuard> {
         let mut st = self.state.lock();
+        if generation < st.current {
+            return None;
+        }
         *st.inflight.entry(generation).or_insert(0) += 1;
         self.publish(&st);
-        IoGuard {
+        Some(IoGuard {
             tracker: self.clone(),
             generation,
-        }
+        })
     }
 
     /// New I/O now uses `generation` (if newer).
@@ -104,10 +109,11 @@ mod tests {
     fn ack_waits_for_older_io() {
         let t = GenTracker::new(1);
         let rx = t.ackable();
-        let a = t.begin(1);
+        let a = t.begin(1).unwrap();
         t.switch(2);
         assert_eq!(*rx.borrow(), 1);
-        let b = t.begin(2);
+        assert!(t.begin(1).is_none(), "no new I/O under an older generation");
+        let b = t.begin(2).unwrap();
         drop(a);
         assert_eq!(*rx.borrow(), 2);
         drop(b);

@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod gens;
+pub mod local_locks;
 pub mod range;
 pub mod session;
 pub mod volume;

@@ -15,7 +15,7 @@ use futures_util::future::join_all;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use toma_control::{Attachment, ControlPlane};
-use toma_core::placement::{clears_dirty, locks, read_member, sets_dirty, write_members};
+use toma_core::placement::{clears_dirty_after, locks, read_member, sets_dirty, write_members};
 use toma_core::{DirtyMarks, DiskId, Generation, MemberIdx, Topology, VolumeId, VolumeSpec};
 use toma_wire::transport::Transport;
 use toma_wire::{ClientId, ErrorCode, Message, Secret};
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::ClientError;
 use crate::gens::GenTracker;
+use crate::local_locks::LocalLocks;
 use crate::range::{split, UnitPart};
 use crate::session::{CallError, Session, Unsolicited};
 
@@ -85,6 +86,8 @@ struct Inner {
     reported: Mutex<BTreeSet<(DiskId, Generation)>>,
     events: mpsc::UnboundedSender<(DiskId, Unsolicited)>,
     stats: ClientStats,
+    /// One writer per chunk within this client (TOMA locks are per client id).
+    local_locks: LocalLocks,
 }
 
 /// A handle to a volume; clone it freely, use it from many tasks.
@@ -151,6 +154,7 @@ impl VolumeClient {
             reported: Mutex::new(BTreeSet::new()),
             events: events_tx,
             stats: ClientStats::default(),
+            local_locks: LocalLocks::default(),
             cfg,
         });
         inner.record_attachment(client).await?;
@@ -306,6 +310,17 @@ impl VolumeClient {
 impl Inner {
     fn current(&self) -> Arc<Topology> {
         self.topo.borrow().clone()
+    }
+
+    /// The current topology and an I/O guard under its generation, taken so that no I/O
+    /// starts under a generation older than the newest this client switched to.
+    fn begin_io(&self) -> (Arc<Topology>, crate::gens::IoGuard) {
+        loop {
+            let t = self.current();
+            if let Some(g) = self.gens.begin(t.generation) {
+                return (t, g);
+            }
+        }
     }
 
     async fn record_attachment(&self, client: ClientId) -> Result<(), ClientError> {
@@ -568,8 +583,7 @@ impl Inner {
     async fn read_unit(self: &Arc<Self>, p: UnitPart) -> Result<Bytes, ClientError> {
         let mut backoff = Backoff::new();
         loop {
-            let t = self.current();
-            let guard = self.gens.begin(t.generation);
+            let (t, guard) = self.begin_io();
             let member = if self.cfg.read_from_w {
                 // Mutation: read from any written member, even one being rebuilt.
                 write_members(&t, p.unit).into_iter().max()
@@ -616,11 +630,11 @@ impl Inner {
     }
 
     async fn write_unit(self: &Arc<Self>, p: UnitPart, data: Bytes) -> Result<(), ClientError> {
+        let _local = self.local_locks.lock(p.unit).await;
         let mut held: BTreeSet<DiskId> = BTreeSet::new();
         let mut backoff = Backoff::new();
         loop {
-            let t = self.current();
-            let guard = self.gens.begin(t.generation);
+            let (t, guard) = self.begin_io();
             let res = self.try_write(&t, p, &data, &mut held).await;
             drop(guard);
             match res {
@@ -692,7 +706,9 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(c) = clears_dirty(t, p.unit) {
+        let unit_bytes = self.spec.unit_bytes();
+        let in_unit = p.offset - p.unit * unit_bytes;
+        if let Some(c) = clears_dirty_after(t, p.unit, in_unit, u64::from(p.len), unit_bytes) {
             // A bit left set only costs one extra copy at rebuild.
             let _ = self.dirty(t, p.unit, &c, false).await;
         }
@@ -789,7 +805,10 @@ impl Inner {
         lock: bool,
     ) -> Result<u64, ClientError> {
         let t = Arc::new(t.clone());
-        let _guard = self.gens.begin(t.generation);
+        let Some(_guard) = self.gens.begin(t.generation) else {
+            // The client already moved past `t`: the caller must look at the new topology.
+            return Err(ClientError::Retry);
+        };
         let chunk = u64::from(self.spec.chunk_size);
         let offset = unit * chunk;
         let len = chunk.min(self.spec.member_bytes().saturating_sub(offset));
@@ -802,6 +821,11 @@ impl Inner {
             Retry::Backoff | Retry::Fenced => ClientError::Retry,
         };
         let mut held = BTreeSet::new();
+        let _local = if lock {
+            Some(self.local_locks.lock(unit).await)
+        } else {
+            None
+        };
         if lock {
             let lock_set = locks(&t, unit);
             self.take_locks(&t, unit, &lock_set, &mut held)

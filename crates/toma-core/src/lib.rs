@@ -15,7 +15,8 @@ pub mod topology;
 pub use adjacent::{check_adjacent, Rule, Violation};
 pub use layout::{Layout, LayoutError, VolumeSpec, BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
 pub use placement::{
-    clears_dirty, home, locks, read_member, sets_dirty, write_members, DirtyMarks,
+    clears_dirty, clears_dirty_after, home, locks, read_member, sets_dirty, write_members,
+    DirtyMarks,
 };
 pub use planner::{
     plan, plan_with, Knowledge, MemberReport, Mutations, Plan, PlanError, Replacement, Wait,

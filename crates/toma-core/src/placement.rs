@@ -27,12 +27,16 @@ fn place_among(t: &Topology, unit: u64, lockable: impl Fn(Role) -> bool) -> Opti
         .find(|&i| lockable(t.members[i].role))
 }
 
-/// The ordered lock set of `unit`: ascending member order, so two writers that need the same
-/// locks never deadlock. Empty when the volume has no readable member (Failed: writes wait).
+/// The ordered lock set of `unit`, in the order a writer takes the locks. Empty when the
+/// volume has no readable member (Failed: writes wait).
 ///
 /// In DualLock a writer locks both the place of the topology before (WL members not
 /// lockable) and the place of the topology after (WL members as good as RWL), so it meets
-/// the writers of either neighbour.
+/// the writers of either neighbour — the old place *first*, then the new one (the slides'
+/// "lock on the left-hand disk, and then on the right-hand disk"). Not ascending member
+/// order: a write carried over from Rebuilding already holds the old place and re-issues
+/// under DualLock by adding the new one; if DualLock writers took the lower-numbered member
+/// first and that were the new place, each would hold the lock the other waits for.
 pub fn locks(t: &Topology, unit: u64) -> Vec<MemberIdx> {
     let Some(place) = interleaved_place(t, unit) else {
         return Vec::new();
@@ -45,7 +49,6 @@ pub fn locks(t: &Topology, unit: u64) -> Vec<MemberIdx> {
             }
         }
     }
-    set.sort_unstable();
     set
 }
 
@@ -99,6 +102,8 @@ pub fn sets_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
 
 /// Dirty bits a write of `unit` may clear *after* it reached every member it writes: the bits
 /// about members being rebuilt (W), which it has just brought up to date.
+///
+/// Only a write of the *whole* unit brings it up to date; see [`clears_dirty_after`].
 pub fn clears_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
     let _ = unit;
     let targets: Vec<_> = t.members_with(Role::W).collect();
@@ -110,6 +115,23 @@ pub fn clears_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
         return None;
     }
     Some(DirtyMarks { holders, targets })
+}
+
+/// The dirty bits a write covering `[offset_in_unit, +len)` of `unit` clears: those of
+/// [`clears_dirty`] when it covers the whole unit (`unit_bytes`), none otherwise — a partial
+/// write leaves the rest of a dirty unit stale on the W member, so its bit must stay.
+pub fn clears_dirty_after(
+    t: &Topology,
+    unit: u64,
+    offset_in_unit: u64,
+    len: u64,
+    unit_bytes: u64,
+) -> Option<DirtyMarks> {
+    if offset_in_unit == 0 && len >= unit_bytes {
+        clears_dirty(t, unit)
+    } else {
+        None
+    }
 }
 
 /// RAID6: the member holding data chunk `j` (0-based, `j < k`) of stripe `stripe`.
@@ -218,11 +240,32 @@ mod tests {
     }
 
     #[test]
+    fn dual_lock_takes_the_old_place_before_the_new_one() {
+        // Member 0 was rebuilt; chunk 0's home is member 0. Under Rebuilding chunk 0 locked
+        // on member 1 only: a writer that re-issues under DualLock holds member 1 and adds
+        // member 0. Every DualLock writer must take them in that same order, or the two
+        // deadlock (found by the toma-model checker).
+        let mut t = raid1(2);
+        t.members[0].role = Role::W;
+        t.rebuild = true;
+        assert_eq!(locks(&t, 0), vec![1]);
+        t.members[0].role = Role::Wl;
+        t.rebuild = false;
+        t.lock_mode = LockMode::DualLock;
+        assert_eq!(locks(&t, 0), vec![1, 0]);
+        assert_eq!(locks(&t, 1), vec![1]);
+    }
+
+    #[test]
     fn rebuild_clears_bits_of_the_w_member() {
         let mut t = raid1(2);
         t.members[1].role = Role::W;
         assert_eq!(write_members(&t, 0), vec![0, 1]);
         assert_eq!(sets_dirty(&t, 0), None);
         assert_eq!(clears_dirty(&t, 0).unwrap().targets, vec![1]);
+        assert!(clears_dirty_after(&t, 0, 0, 65536, 65536).is_some());
+        // A 4 KiB write of a dirty 64 KiB chunk must leave its bit set.
+        assert_eq!(clears_dirty_after(&t, 0, 4096, 4096, 65536), None);
+        assert_eq!(clears_dirty_after(&t, 0, 0, 4096, 65536), None);
     }
 }

@@ -103,8 +103,8 @@ pub enum LockMode {
     /// Each chunk locks on one readable member: its home `c mod n` when that is `RWL`,
     /// otherwise the next `RWL` member after it.
     Interleaved,
-    /// A writer locks on the interleaved place *and* on the home member when that is `WL`,
-    /// in ascending member order.
+    /// A writer locks on the interleaved place *and* on the home member when that is `WL`:
+    /// the old place first, then the new one.
     DualLock,
 }
 

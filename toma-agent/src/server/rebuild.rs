@@ -100,11 +100,13 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
             }
         }
     }
-    // Held locks, RAM → RAM.
+    // Stale locks (of fenced clients, still being recovered), RAM → RAM. Live clients'
+    // locks are not copied: they release them where they took them.
     let held: Vec<LockEntry> = rt
         .locks
         .locks()
         .into_iter()
+        .filter(|(_, c)| rt.locks.is_fenced(*c))
         .map(|(unit, c)| LockEntry { unit, client: c.0 })
         .collect();
     if !held.is_empty() {
