@@ -20,14 +20,16 @@ fi
 
 # The e2e harness (e2e/harness) generates certificates with openssl, polls with curl, picks
 # free ports with ss (iproute2); iptables is for network-fault tests. Go builds the e2e tools.
+# `toma bench` and the NBD tests drive fio (its `nbd` engine is libnbd-based), qemu-nbd/qemu-img
+# (qemu-utils) and nbdinfo (libnbd-bin).
 apt_missing=()
-for p in openssl curl iproute2 iptables; do
+for p in openssl curl iproute2 iptables fio qemu-utils libnbd-bin; do
   dpkg -s "$p" >/dev/null 2>&1 || apt_missing+=("$p")
 done
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "setup: installing ${apt_missing[*]} (apt, once)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
 fi
 if ! have go && [ ! -x /usr/local/go/bin/go ]; then
   echo "setup: go not found; the e2e tools (e2e/tools/build.sh) need Go >= 1.26" >&2
