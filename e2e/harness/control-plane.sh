@@ -136,7 +136,14 @@ pick_port() {
   for ((i = 0; i < 500; i++)); do
     p=$((lo + (RANDOM * 32768 + RANDOM) % (hi - lo)))
     [ -z "$(ss -Htan "( sport = :$p )" 2>/dev/null)" ] || continue
-    mkdir "$PORTS_DIR/$p" 2>/dev/null || continue # atomic reservation
+    if ! mkdir "$PORTS_DIR/$p" 2>/dev/null; then # atomic reservation
+      # Reclaim a reservation whose owner's folder is gone (a harness user that never stopped).
+      local owner
+      owner=$(cat "$PORTS_DIR/$p/owner" 2>/dev/null || true)
+      [ -n "$owner" ] && [ ! -d "$owner" ] || continue
+      rm -rf "$PORTS_DIR/$p"
+      mkdir "$PORTS_DIR/$p" 2>/dev/null || continue
+    fi
     echo "$DIR" >"$PORTS_DIR/$p/owner"
     echo "$name=$p" >>"$DIR/ports"
     echo "$p"
