@@ -52,8 +52,8 @@ pub struct Args {
     /// Reads by the last client.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub reads: u8,
-    /// Leader crashes per run (0 or 1).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// Leader crashes per run (0 or 1; 1 makes the run several times longer).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub leader_crashes: u8,
     /// Connection drops per run.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]

@@ -18,7 +18,12 @@ fn toma(args: &[&str]) -> (i32, String, String) {
 fn unknown_mutation_lists_the_allowed_ones() {
     let (code, _, err) = toma(&["check-model", "--mutate", "nope"]);
     assert_eq!(code, 2, "{err}");
-    for m in ["skip-dual-lock", "no-dirty-bits", "read-from-w", "early-advance"] {
+    for m in [
+        "skip-dual-lock",
+        "no-dirty-bits",
+        "read-from-w",
+        "early-advance",
+    ] {
         assert!(err.contains(m), "{err}");
     }
 }

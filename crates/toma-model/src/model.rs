@@ -1,0 +1,1479 @@
+//! The state machine: a leader, one TOMA per member disk, the disks, clients and the
+//! in-flight messages between them. Every placement and planning decision is asked of
+//! `toma_core`; this file only moves messages and keeps the history the properties need.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use stateright::{Model, Property};
+use toma_core::{
+    clears_dirty, locks, plan_with, read_member, sets_dirty, write_members, DiskId, Knowledge,
+    Layout, LockMode, MemberReport, Mutations, NodeId, Phase, Plan, Replacement, Role, Topology,
+    VolumeId,
+};
+
+/// A topology generation (small in the model).
+pub type Gen = u8;
+/// Lock units (chunks) the clients use: 0 and 1, so both interleaved homes are exercised.
+pub const CHUNKS: usize = 2;
+/// What a NEW disk holds before the rebuild: no write ever wrote it.
+pub const GARBAGE: u8 = 0xFF;
+/// The actor id of the rebuilding TOMA's local client (clients are `0..clients`).
+pub const REBUILDER: u8 = 0xF0;
+
+/// A deliberate bug, to prove the checker can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mutation {
+    /// Rebuilding goes straight to Normal (`toma_core::Mutations::skip_dual_lock`).
+    SkipDualLock,
+    /// Degraded writes set no dirty bit (the model's wrapper around `sets_dirty`).
+    NoDirtyBits,
+    /// Reads may go to a `W` member (the model's wrapper around `read_member`).
+    ReadFromW,
+    /// The leader moves to g+1 before every client acknowledged g
+    /// (`toma_core::Mutations::early_advance`).
+    EarlyAdvance,
+}
+
+impl Mutation {
+    pub const ALL: [Mutation; 4] = [
+        Mutation::SkipDualLock,
+        Mutation::NoDirtyBits,
+        Mutation::ReadFromW,
+        Mutation::EarlyAdvance,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::SkipDualLock => "skip-dual-lock",
+            Mutation::NoDirtyBits => "no-dirty-bits",
+            Mutation::ReadFromW => "read-from-w",
+            Mutation::EarlyAdvance => "early-advance",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mutation> {
+        Mutation::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// The bounds of one model run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub clients: usize,
+    /// Writes each client issues (one at a time).
+    pub writes: u8,
+    /// Reads the last client issues (the others only write: reads multiply the state space).
+    pub reads: u8,
+    /// Disk failures per run (each followed by the disk's return or replacement).
+    pub failures: u8,
+    /// Leader crashes per run.
+    pub leader_crashes: u8,
+    /// Client↔TOMA connection drops per run (the messages on it are lost; the TOMA fences).
+    pub drops: u8,
+    /// Whether a failed disk may come back as a NEW disk (garbage contents, full rebuild).
+    pub replacement: bool,
+    pub mutation: Option<Mutation>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            clients: 2,
+            writes: 1,
+            reads: 1,
+            failures: 1,
+            leader_crashes: 0,
+            drops: 0,
+            replacement: true,
+            mutation: None,
+        }
+    }
+}
+
+fn bit(i: usize) -> u8 {
+    1u8 << i
+}
+
+/// A datapath request (client or rebuilder → a member's TOMA).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Req {
+    Lock(u8),
+    /// Write `data` (if any) and set the dirty bits `dirty` (a mask of target members).
+    Write {
+        chunk: u8,
+        data: Option<u8>,
+        dirty: u8,
+    },
+    /// Release the lock (if held by the sender) and clear the dirty bits `clear`.
+    Unlock {
+        chunk: u8,
+        clear: u8,
+    },
+    /// READ_TEST_LOCK: answered while the chunk is not locked by someone else.
+    Read(u8),
+}
+
+/// A TOMA → client message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resp {
+    SwitchTopo(Gen),
+    LockOk,
+    /// A lock or read that waited on a lock is bounced: the TOMA moved to a newer generation.
+    Retry(Gen),
+    Done,
+    ReadOk(u8),
+    /// FENCED / stale generation / member DEAD: never applied.
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Msg {
+    Req {
+        from: u8,
+        to: u8,
+        gen: Gen,
+        req: Req,
+    },
+    Resp {
+        from: u8,
+        to: u8,
+        resp: Resp,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Conn {
+    Ok,
+    Broken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    Write(u8),
+    Read,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Lock,
+    Write,
+    /// After the write was acknowledged: clear bits and unlock.
+    Unlock,
+    Read,
+    /// Failed topology: nothing to send until a newer one.
+    Blocked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Op {
+    pub kind: OpKind,
+    pub chunk: u8,
+    /// The generation the current stage was issued under.
+    pub gen: Gen,
+    pub stage: Stage,
+    /// Members with a request in flight.
+    pub pending: u8,
+    /// Members that still need the current stage's request (connection not usable yet).
+    pub todo: u8,
+    /// Members on which this op holds the chunk lock (as the client believes).
+    pub held: u8,
+    /// Locks acquired by this op ever (for the trace only).
+    pub clear: u8,
+    /// P1: the value this read must return, if some write is stable.
+    pub expect: Option<u8>,
+    /// P2: no write to the chunk in flight since this read started.
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Client {
+    pub gen: Gen,
+    pub conn: Vec<Conn>,
+    pub op: Option<Op>,
+    pub writes_done: u8,
+    pub reads_done: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RebuildOp {
+    pub chunk: u8,
+    pub gen: Gen,
+    pub pending: u8,
+    pub ok: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Toma {
+    pub up: bool,
+    pub gen: Gen,
+    /// Lock table: holder per chunk.
+    pub locks: [Option<u8>; CHUNKS],
+    /// Per chunk, the mask of target members whose bit is set.
+    pub dirty: [u8; CHUNKS],
+    pub registered: Vec<bool>,
+    pub acked: Vec<Gen>,
+    pub rebuild: Option<RebuildOp>,
+}
+
+impl Toma {
+    fn fresh(gen: Gen, clients: usize, registered: bool) -> Toma {
+        Toma {
+            up: true,
+            gen,
+            locks: [None; CHUNKS],
+            dirty: [0; CHUNKS],
+            registered: vec![registered; clients],
+            acked: vec![if registered { gen } else { 0 }; clients],
+            rebuild: None,
+        }
+    }
+    fn down() -> Toma {
+        Toma {
+            up: false,
+            gen: 0,
+            locks: [None; CHUNKS],
+            dirty: [0; CHUNKS],
+            registered: Vec::new(),
+            acked: Vec::new(),
+            rebuild: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Disk {
+    pub up: bool,
+    /// 0: the original disk; 1: a NEW disk that replaced it.
+    pub incarnation: u8,
+    pub data: [u8; CHUNKS],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Prop {
+    P1,
+    P2,
+    P3,
+    Planner,
+}
+
+/// A property violation observed on a transition (P1–P3 are about read results).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Viol {
+    pub prop: Prop,
+    pub client: u8,
+    pub chunk: u8,
+    pub got: u8,
+    pub want: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct History {
+    /// Per chunk: mask of write ids that started (bit id).
+    pub started: [u16; CHUNKS],
+    /// Per chunk: mask of write ids in flight (started, not acknowledged).
+    pub inflight: [u16; CHUNKS],
+    /// Per chunk: the acknowledged write every later read must return (P1).
+    pub stable: [Option<u8>; CHUNKS],
+    /// Per chunk: the value a quiet read returned (P2).
+    pub quiet_val: [Option<u8>; CHUNKS],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Leader {
+    /// The Lease epoch of the current leader.
+    pub epoch: u8,
+    /// A topology computed but not yet written.
+    pub pending: Option<Topology>,
+    /// A deposed leader's unwritten topology and the epoch it held.
+    pub zombie: Option<(u8, Topology)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// The control plane: every topology published so far (index g-1); the last is current.
+    pub topos: Arc<Vec<Topology>>,
+    pub lease_epoch: u8,
+    pub leader: Leader,
+    pub tomas: Vec<Toma>,
+    pub disks: Vec<Disk>,
+    pub clients: Vec<Client>,
+    /// In-flight messages: a multiset, kept sorted.
+    pub net: Vec<Msg>,
+    pub hist: History,
+    pub violation: Option<Viol>,
+    pub failures_left: u8,
+    pub crashes_left: u8,
+    pub drops_left: u8,
+}
+
+/// A compact fingerprint of a topology (node names never change in the model).
+fn hash_topology<H: Hasher>(t: &Topology, h: &mut H) {
+    t.generation.hash(h);
+    for m in &t.members {
+        (m.role as u8, m.full_rebuild, m.last_good, m.disk.0 as u64).hash(h);
+    }
+    (t.lock_mode == LockMode::DualLock, t.rebuild).hash(h);
+}
+
+impl Hash for State {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.topos.len().hash(h);
+        for t in self.topos.iter() {
+            hash_topology(t, h);
+        }
+        self.lease_epoch.hash(h);
+        self.leader.epoch.hash(h);
+        match &self.leader.pending {
+            Some(t) => {
+                1u8.hash(h);
+                hash_topology(t, h);
+            }
+            None => 0u8.hash(h),
+        }
+        match &self.leader.zombie {
+            Some((e, t)) => {
+                e.hash(h);
+                hash_topology(t, h);
+            }
+            None => 0xFFu8.hash(h),
+        }
+        self.tomas.hash(h);
+        self.disks.hash(h);
+        self.clients.hash(h);
+        self.net.hash(h);
+        self.hist.hash(h);
+        self.violation.hash(h);
+        (self.failures_left, self.crashes_left, self.drops_left).hash(h);
+    }
+}
+
+impl State {
+    pub fn store_gen(&self) -> Gen {
+        self.topos.len() as Gen
+    }
+    pub fn current(&self) -> &Topology {
+        &self.topos[self.topos.len() - 1]
+    }
+    pub fn topo(&self, g: Gen) -> &Topology {
+        let i = usize::from(g.max(1)) - 1;
+        &self.topos[i.min(self.topos.len() - 1)]
+    }
+    fn send(&mut self, m: Msg) {
+        let pos = self.net.partition_point(|x| x < &m);
+        self.net.insert(pos, m);
+    }
+    fn reply(&mut self, from: usize, to: u8, resp: Resp) {
+        self.send(Msg::Resp {
+            from: from as u8,
+            to,
+            resp,
+        });
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    StartWrite { client: u8, chunk: u8 },
+    StartRead { client: u8, chunk: u8 },
+    Deliver(Msg),
+    TomaLearn(u8),
+    RebuildChunk { member: u8, chunk: u8 },
+    LeaderPublish,
+    LeaderCrash,
+    ZombieWrite,
+    FailDisk(u8),
+    ReturnDisk { member: u8, new_disk: bool },
+    DropConn { client: u8, member: u8 },
+}
+
+/// The model of one RAID1 volume.
+pub struct TomaModel {
+    pub cfg: Config,
+    pub initial: Topology,
+    nodes: Vec<NodeId>,
+}
+
+pub fn node(i: usize) -> NodeId {
+    NodeId(format!("node{i}"))
+}
+
+fn disk_id(i: usize, incarnation: u8) -> DiskId {
+    DiskId(((i as u128 + 1) << 96) | u128::from(incarnation))
+}
+
+impl TomaModel {
+    pub fn raid1(cfg: Config) -> Result<TomaModel, String> {
+        let layout = Layout::raid1(2).map_err(|e| e.to_string())?;
+        let disks = (0..2).map(|i| (disk_id(i, 0), node(i))).collect();
+        let initial =
+            Topology::new_normal(VolumeId(1), layout, 65536, disks).map_err(|e| e.to_string())?;
+        if cfg.clients == 0 || cfg.clients > 3 {
+            return Err(format!(
+                "--clients {}: the model supports 1 to 3 clients",
+                cfg.clients
+            ));
+        }
+        Ok(TomaModel {
+            cfg,
+            initial,
+            nodes: (0..2).map(node).collect(),
+        })
+    }
+
+    fn n(&self) -> usize {
+        self.initial.n()
+    }
+
+    fn reads_of(&self, client: usize) -> u8 {
+        if client + 1 == self.cfg.clients {
+            self.cfg.reads
+        } else {
+            0
+        }
+    }
+
+    fn write_id(&self, client: usize, k: u8) -> u8 {
+        1 + client as u8 * self.cfg.writes + k
+    }
+
+    // ---- the model's wrappers around toma-core (where the non-core mutations live) ----
+
+    fn core_mutations(&self) -> Mutations {
+        Mutations {
+            skip_dual_lock: self.cfg.mutation == Some(Mutation::SkipDualLock),
+            early_advance: self.cfg.mutation == Some(Mutation::EarlyAdvance),
+        }
+    }
+
+    fn lock_set(t: &Topology, chunk: u8) -> u8 {
+        locks(t, u64::from(chunk))
+            .into_iter()
+            .fold(0, |m, i| m | bit(i))
+    }
+
+    fn write_set(t: &Topology, chunk: u8) -> u8 {
+        write_members(t, u64::from(chunk))
+            .into_iter()
+            .fold(0, |m, i| m | bit(i))
+    }
+
+    /// (holders, targets) of the dirty bits a write must set.
+    fn dirty_to_set(&self, t: &Topology, chunk: u8) -> (u8, u8) {
+        if self.cfg.mutation == Some(Mutation::NoDirtyBits) {
+            return (0, 0);
+        }
+        match sets_dirty(t, u64::from(chunk)) {
+            Some(d) => (
+                d.holders.iter().fold(0, |m, &i| m | bit(i)),
+                d.targets.iter().fold(0, |m, &i| m | bit(i)),
+            ),
+            None => (0, 0),
+        }
+    }
+
+    fn dirty_to_clear(t: &Topology, chunk: u8) -> (u8, u8) {
+        match clears_dirty(t, u64::from(chunk)) {
+            Some(d) => (
+                d.holders.iter().fold(0, |m, &i| m | bit(i)),
+                d.targets.iter().fold(0, |m, &i| m | bit(i)),
+            ),
+            None => (0, 0),
+        }
+    }
+
+    fn read_from(&self, t: &Topology, chunk: u8) -> Option<usize> {
+        if self.cfg.mutation == Some(Mutation::ReadFromW) {
+            let h = toma_core::home(t, u64::from(chunk));
+            if t.members[h].role == Role::W {
+                return Some(h);
+            }
+        }
+        read_member(t, u64::from(chunk))
+    }
+
+    /// The member whose TOMA's local client runs the rebuild: the first RWL member.
+    fn rebuilder_of(t: &Topology) -> Option<usize> {
+        if !t.rebuild {
+            return None;
+        }
+        t.members_with(Role::Rwl).next()
+    }
+
+    // ---- what the leader knows ----
+
+    /// A TOMA's report: the generation it knows when every client it registered (and its
+    /// rebuilder) acknowledged it, else the one before.
+    fn synced(t: &Toma) -> Gen {
+        if !t.up {
+            return 0;
+        }
+        let clients_ok = t
+            .registered
+            .iter()
+            .zip(&t.acked)
+            .all(|(&r, &a)| !r || a >= t.gen);
+        let rb_ok = t.rebuild.as_ref().is_none_or(|r| r.gen >= t.gen);
+        if clients_ok && rb_ok {
+            t.gen
+        } else {
+            t.gen.saturating_sub(1)
+        }
+    }
+
+    /// A cheap pre-check: false when `plan_with` would certainly wait (no member lost or
+    /// returned, and some live member not synced), to save building its input.
+    fn may_plan(&self, s: &State) -> bool {
+        if self.core_mutations().early_advance {
+            return true;
+        }
+        let cur = s.current();
+        let g = s.store_gen();
+        let mut all_synced = true;
+        for i in 0..self.n() {
+            let dead = cur.role(i).is_dead();
+            if dead == s.disks[i].up {
+                return true; // lost, returned or replaced
+            }
+            if !dead && Self::synced(&s.tomas[i]) < g {
+                all_synced = false;
+            }
+        }
+        all_synced && cur.phase() != Phase::Normal
+    }
+
+    pub fn knowledge(&self, s: &State) -> Knowledge {
+        let cur = s.current();
+        let mut replacement = None;
+        let members = (0..self.n())
+            .map(|i| {
+                let d = &s.disks[i];
+                let here = d.up && cur.members[i].disk == disk_id(i, d.incarnation);
+                if d.up && !here {
+                    replacement = Some(Replacement {
+                        member: i,
+                        disk: disk_id(i, d.incarnation),
+                        node: self.nodes[i].clone(),
+                    });
+                }
+                MemberReport {
+                    present: here.then(|| self.nodes[i].clone()),
+                    synced: u64::from(Self::synced(&s.tomas[i])),
+                    dirty_bits_lost: false,
+                }
+            })
+            .collect();
+        let g = s.store_gen();
+        let rebuild_done = Self::rebuilder_of(cur).and_then(|h| {
+            let t = &s.tomas[h];
+            let targets = cur.members_with(Role::W).fold(0, |m, i| m | bit(i));
+            (t.up && t.gen == g && t.rebuild.is_none() && t.dirty.iter().all(|d| d & targets == 0))
+                .then_some(u64::from(g))
+        });
+        Knowledge {
+            members,
+            rebuild_done,
+            replacement,
+        }
+    }
+
+    // ---- client logic ----
+
+    /// Starts a stage of `op` under generation `gen`: who gets which request.
+    fn enter_stage(&self, s: &State, op: &mut Op, stage: Stage, gen: Gen) {
+        let t = s.topo(gen);
+        op.gen = gen;
+        op.stage = stage;
+        op.pending = 0;
+        op.todo = 0;
+        match stage {
+            Stage::Lock => {
+                // One at a time, in the order toma-core gives.
+                let order = locks(t, u64::from(op.chunk));
+                let next = order.iter().find(|&&m| op.held & bit(m) == 0);
+                if order.is_empty() {
+                    op.stage = Stage::Blocked;
+                } else if let Some(&m) = next {
+                    op.todo = bit(m);
+                } else {
+                    self.enter_stage(s, op, Stage::Write, gen);
+                }
+            }
+            Stage::Write => {
+                let w = Self::write_set(t, op.chunk);
+                let (holders, _) = self.dirty_to_set(t, op.chunk);
+                if w == 0 {
+                    op.stage = Stage::Blocked;
+                } else {
+                    op.todo = w | holders;
+                }
+            }
+            Stage::Unlock => {
+                let (holders, _) = Self::dirty_to_clear(t, op.chunk);
+                op.todo =
+                    (op.held | (op.clear & holders)) & t.alive().iter().fold(0, |m, &i| m | bit(i));
+                op.clear &= holders;
+            }
+            Stage::Read => match self.read_from(t, op.chunk) {
+                Some(r) => op.todo = bit(r),
+                None => op.stage = Stage::Blocked,
+            },
+            Stage::Blocked => {}
+        }
+    }
+
+    fn request_for(&self, s: &State, op: &Op, member: usize) -> Req {
+        let t = s.topo(op.gen);
+        match op.stage {
+            Stage::Lock => Req::Lock(op.chunk),
+            Stage::Write => {
+                let data = match op.kind {
+                    OpKind::Write(id) if Self::write_set(t, op.chunk) & bit(member) != 0 => {
+                        Some(id)
+                    }
+                    _ => None,
+                };
+                let (holders, targets) = self.dirty_to_set(t, op.chunk);
+                let dirty = if holders & bit(member) != 0 {
+                    targets
+                } else {
+                    0
+                };
+                Req::Write {
+                    chunk: op.chunk,
+                    data,
+                    dirty,
+                }
+            }
+            Stage::Unlock => {
+                let (holders, targets) = Self::dirty_to_clear(t, op.chunk);
+                let clear = if op.clear != 0 && holders & bit(member) != 0 {
+                    targets
+                } else {
+                    0
+                };
+                Req::Unlock {
+                    chunk: op.chunk,
+                    clear,
+                }
+            }
+            Stage::Read | Stage::Blocked => Req::Read(op.chunk),
+        }
+    }
+
+    /// Everything a client does on its own, right away: reconnect, send, re-issue held
+    /// work under a newer generation, finish stages, acknowledge SWITCH_TOPO.
+    fn client_progress(&self, s: &mut State, c: usize) {
+        for _ in 0..16 {
+            let mut changed = false;
+            for i in 0..self.n() {
+                if s.clients[c].conn[i] == Conn::Broken && s.tomas[i].up {
+                    // REGISTER / REGISTERED: a connection handshake, modelled as one step.
+                    // The TOMA answers with the newest topology it knows.
+                    let t = &mut s.tomas[i];
+                    t.registered[c] = true;
+                    t.acked[c] = 0;
+                    let g = t.gen;
+                    let cl = &mut s.clients[c];
+                    cl.conn[i] = Conn::Ok;
+                    cl.gen = cl.gen.max(g);
+                    changed = true;
+                }
+            }
+            if let Some(mut op) = s.clients[c].op.take() {
+                let cgen = s.clients[c].gen;
+                let mut done = false;
+                let complete = op.pending == 0 && op.todo == 0;
+                if complete && op.stage == Stage::Write {
+                    // Every member of the issue generation has it: acknowledged. Bits are
+                    // cleared only if no newer generation is known (skipping is safe).
+                    if let OpKind::Write(id) = op.kind {
+                        self.write_acked(s, op.chunk, id);
+                    }
+                    op.clear = if op.gen == cgen { 0xFF } else { 0 };
+                    self.enter_stage(s, &mut op, Stage::Unlock, cgen);
+                    changed = true;
+                } else if complete && op.stage == Stage::Unlock {
+                    done = true;
+                    changed = true;
+                } else if op.pending == 0 && op.gen < cgen {
+                    // Held or finished under an older generation: re-issue under the new one.
+                    let alive = s.topo(cgen).alive().iter().fold(0, |m, &i| m | bit(i));
+                    op.held &= alive;
+                    match (op.kind, op.stage) {
+                        (_, Stage::Unlock) => {
+                            // Clearing under an older generation is skipped (always safe).
+                            op.clear = 0;
+                            self.enter_stage(s, &mut op, Stage::Unlock, cgen);
+                        }
+                        (OpKind::Write(_), _) => self.enter_stage(s, &mut op, Stage::Lock, cgen),
+                        (OpKind::Read, _) => {
+                            // A new read attempt: the old one returned nothing.
+                            self.enter_stage(s, &mut op, Stage::Read, cgen)
+                        }
+                    }
+                    changed = true;
+                } else if op.pending == 0 && op.todo == 0 && op.stage != Stage::Blocked {
+                    match op.stage {
+                        Stage::Lock => {
+                            let g = op.gen;
+                            self.enter_stage(s, &mut op, Stage::Lock, g);
+                            changed = true;
+                        }
+                        Stage::Write | Stage::Unlock | Stage::Read | Stage::Blocked => {}
+                    }
+                }
+                if !done && op.todo != 0 && op.gen >= cgen {
+                    for i in 0..self.n() {
+                        if op.todo & bit(i) != 0 && s.clients[c].conn[i] == Conn::Ok {
+                            let req = self.request_for(s, &op, i);
+                            op.todo &= !bit(i);
+                            op.pending |= bit(i);
+                            s.send(Msg::Req {
+                                from: c as u8,
+                                to: i as u8,
+                                gen: op.gen,
+                                req,
+                            });
+                            changed = true;
+                        }
+                    }
+                }
+                if !done {
+                    s.clients[c].op = Some(op);
+                }
+            }
+            let ready = s.clients[c]
+                .op
+                .as_ref()
+                .is_none_or(|o| o.gen >= s.clients[c].gen);
+            if ready {
+                // ACK_TOPO: the client has no I/O in flight issued under an older generation
+                // than the one it knows. Delivered at once (a lost ack is a dropped
+                // connection: the TOMA fences and the client re-registers).
+                for i in 0..self.n() {
+                    let g = s.clients[c].gen;
+                    let t = &mut s.tomas[i];
+                    if s.clients[c].conn[i] == Conn::Ok && t.up && t.registered[c] && t.acked[c] < g
+                    {
+                        t.acked[c] = g;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+
+    fn write_started(&self, s: &mut State, c: usize, chunk: u8, id: u8) {
+        let ch = usize::from(chunk);
+        s.hist.started[ch] |= 1 << id;
+        s.hist.inflight[ch] |= 1 << id;
+        s.hist.stable[ch] = None;
+        s.hist.quiet_val[ch] = None;
+        for (k, cl) in s.clients.iter_mut().enumerate() {
+            if let Some(op) = cl.op.as_mut() {
+                if k != c && op.kind == OpKind::Read && op.chunk == chunk {
+                    op.expect = None;
+                    op.quiet = false;
+                }
+            }
+        }
+    }
+
+    fn write_acked(&self, s: &mut State, chunk: u8, id: u8) {
+        let ch = usize::from(chunk);
+        s.hist.inflight[ch] &= !(1 << id);
+        if s.hist.inflight[ch] == 0 {
+            s.hist.stable[ch] = Some(id);
+        }
+    }
+
+    fn read_returned(&self, s: &mut State, c: usize, op: &Op, v: u8) {
+        let ch = usize::from(op.chunk);
+        let viol = |prop, want| Viol {
+            prop,
+            client: c as u8,
+            chunk: op.chunk,
+            got: v,
+            want,
+        };
+        if v != 0 && (v == GARBAGE || s.hist.started[ch] & (1 << v) == 0) {
+            s.violation.get_or_insert(viol(Prop::P3, None));
+        }
+        if let Some(e) = op.expect {
+            if e != v {
+                s.violation.get_or_insert(viol(Prop::P1, Some(e)));
+            }
+        }
+        if op.quiet {
+            if let Some(q) = s.hist.quiet_val[ch] {
+                if q != v {
+                    s.violation.get_or_insert(viol(Prop::P2, Some(q)));
+                }
+            }
+            s.hist.quiet_val[ch] = Some(v);
+        }
+    }
+
+    fn client_receive(&self, s: &mut State, c: usize, from: usize, resp: Resp) {
+        let cl = &mut s.clients[c];
+        match resp {
+            Resp::SwitchTopo(g) => {
+                cl.gen = cl.gen.max(g);
+                // Other SWITCH_TOPOs to this client that are not newer tell it nothing new
+                // (acks are sent for the generation it knows): absorb them.
+                let (cg, to) = (cl.gen, c as u8);
+                s.net.retain(|m| {
+                    !matches!(m, Msg::Resp { to: t, resp: Resp::SwitchTopo(h), .. } if *t == to && *h <= cg)
+                });
+            }
+            Resp::Retry(g) => {
+                cl.gen = cl.gen.max(g);
+                if let Some(op) = cl.op.as_mut() {
+                    op.pending &= !bit(from);
+                    op.todo |= bit(from);
+                }
+            }
+            Resp::Rejected => {
+                cl.conn[from] = Conn::Broken;
+                if let Some(op) = cl.op.as_mut() {
+                    if op.pending & bit(from) != 0 {
+                        op.pending &= !bit(from);
+                        op.todo |= bit(from);
+                    }
+                }
+            }
+            Resp::LockOk => {
+                if let Some(op) = cl.op.as_mut() {
+                    op.pending &= !bit(from);
+                    op.held |= bit(from);
+                }
+            }
+            Resp::Done => {
+                if let Some(op) = cl.op.as_mut() {
+                    op.pending &= !bit(from);
+                    if op.stage == Stage::Unlock {
+                        op.held &= !bit(from);
+                    }
+                }
+            }
+            Resp::ReadOk(v) => {
+                if let Some(op) = cl.op.take() {
+                    self.read_returned(s, c, &op, v);
+                }
+            }
+        }
+    }
+
+    // ---- TOMA logic ----
+
+    /// Whether a request at the head of a TOMA's queue can be served now (a lock or read of
+    /// a chunk locked by someone else waits; so does anything from a generation it has not
+    /// learned yet).
+    fn deliverable(&self, s: &State, from: u8, to: usize, gen: Gen, req: &Req) -> bool {
+        let t = &s.tomas[to];
+        if !t.up {
+            return false;
+        }
+        let client_ok = from == REBUILDER || t.registered.get(usize::from(from)) == Some(&true);
+        if !client_ok || gen + 1 < t.gen {
+            return true; // rejected right away
+        }
+        if gen > t.gen {
+            return false;
+        }
+        match req {
+            Req::Lock(ch) | Req::Read(ch) => {
+                !matches!(t.locks[usize::from(*ch)], Some(h) if h != from)
+            }
+            _ => true,
+        }
+    }
+
+    fn toma_receive(&self, s: &mut State, from: u8, to: usize, gen: Gen, req: Req) {
+        let t = &s.tomas[to];
+        let client_ok = from == REBUILDER || t.registered.get(usize::from(from)) == Some(&true);
+        if !client_ok || gen + 1 < t.gen {
+            if from != REBUILDER {
+                // Fenced or stale: the client must re-register.
+                s.tomas[to].registered[usize::from(from)] = false;
+            }
+            self.respond(s, to, from, Resp::Rejected);
+            return;
+        }
+        let dead_here = s.topo(t.gen).role(to).is_dead();
+        match req {
+            Req::Lock(ch) => {
+                s.tomas[to].locks[usize::from(ch)] = Some(from);
+                self.respond(s, to, from, Resp::LockOk);
+            }
+            Req::Write { chunk, data, dirty } => {
+                if dead_here {
+                    if from != REBUILDER {
+                        s.tomas[to].registered[usize::from(from)] = false;
+                    }
+                    self.respond(s, to, from, Resp::Rejected);
+                    return;
+                }
+                if let Some(d) = data {
+                    s.disks[to].data[usize::from(chunk)] = d;
+                }
+                s.tomas[to].dirty[usize::from(chunk)] |= dirty;
+                self.respond(s, to, from, Resp::Done);
+            }
+            Req::Unlock { chunk, clear } => {
+                let t = &mut s.tomas[to];
+                let ch = usize::from(chunk);
+                if t.locks[ch] == Some(from) {
+                    t.locks[ch] = None;
+                }
+                t.dirty[ch] &= !clear;
+                self.respond(s, to, from, Resp::Done);
+            }
+            Req::Read(ch) => {
+                let v = s.disks[to].data[usize::from(ch)];
+                self.respond(s, to, from, Resp::ReadOk(v));
+            }
+        }
+    }
+
+    /// A TOMA's answer, taken in by the client (or rebuilder) as the request is processed:
+    /// the request/response pair is one step (loss is modelled on the request).
+    fn respond(&self, s: &mut State, member: usize, to: u8, resp: Resp) {
+        if to == REBUILDER {
+            self.rebuilder_receive(s, member, resp);
+        } else {
+            self.client_receive(s, usize::from(to), member, resp);
+        }
+    }
+
+    fn rebuilder_receive(&self, s: &mut State, from: usize, resp: Resp) {
+        let Some(h) = s.tomas.iter().position(|t| t.rebuild.is_some()) else {
+            return;
+        };
+        let Some(mut rb) = s.tomas[h].rebuild.take() else {
+            return;
+        };
+        rb.pending &= !bit(from);
+        if resp == Resp::Done {
+            rb.ok |= bit(from);
+        }
+        if rb.pending == 0 {
+            let t = &mut s.tomas[h];
+            let ch = usize::from(rb.chunk);
+            t.dirty[ch] &= !rb.ok;
+            if t.locks[ch] == Some(REBUILDER) {
+                t.locks[ch] = None;
+            }
+        } else {
+            s.tomas[h].rebuild = Some(rb);
+        }
+    }
+
+    /// Client and rebuilder steps that need no outside event.
+    fn settle(&self, s: &mut State) {
+        for h in 0..self.n() {
+            let t = &s.tomas[h];
+            if let Some(rb) = &t.rebuild {
+                let in_flight = s.net.iter().any(|m| match m {
+                    Msg::Req { from, .. } => *from == REBUILDER,
+                    Msg::Resp { to, .. } => *to == REBUILDER,
+                });
+                if rb.gen < t.gen && !in_flight {
+                    // Its copy target died: give up on this chunk, keep its bit.
+                    let ch = usize::from(rb.chunk);
+                    let t = &mut s.tomas[h];
+                    t.rebuild = None;
+                    if t.locks[ch] == Some(REBUILDER) {
+                        t.locks[ch] = None;
+                    }
+                }
+            }
+        }
+        for c in 0..s.clients.len() {
+            self.client_progress(s, c);
+        }
+        // The leader plans as soon as it can (what it then writes may be stale by the time
+        // it is written; publishing is a separate step).
+        if s.leader.pending.is_none() && s.violation.is_none() && self.may_plan(s) {
+            let k = self.knowledge(s);
+            match plan_with(s.current(), &k, self.core_mutations()) {
+                Ok(Plan::Next(t)) => s.leader.pending = Some(t),
+                Ok(Plan::Wait(_)) => {}
+                Err(_) => {
+                    s.violation = Some(Viol {
+                        prop: Prop::Planner,
+                        client: 0,
+                        chunk: 0,
+                        got: 0,
+                        want: None,
+                    })
+                }
+            }
+        }
+    }
+
+    fn drop_member(&self, s: &mut State, i: usize) {
+        let iu = i as u8;
+        s.net.retain(|m| match m {
+            Msg::Req { to, .. } => *to != iu,
+            Msg::Resp { from, .. } => *from != iu,
+        });
+        s.tomas[i] = Toma::down();
+        for cl in s.clients.iter_mut() {
+            cl.conn[i] = Conn::Broken;
+            if let Some(op) = cl.op.as_mut() {
+                if op.pending & bit(i) != 0 {
+                    op.pending &= !bit(i);
+                    op.todo |= bit(i);
+                }
+            }
+        }
+    }
+
+    // ---- the checked state ----
+
+    pub fn goal(&self, s: &State) -> bool {
+        // A state with a safety violation ends its run: that is reported by P1-P3, not P6.
+        s.violation.is_some()
+            || s.failures_left == 0
+                && s.disks.iter().all(|d| d.up)
+                && s.current().phase() == Phase::Normal
+                && s.clients.iter().enumerate().all(|(i, c)| {
+                    c.op.is_none()
+                        && c.writes_done == self.cfg.writes
+                        && c.reads_done == self.reads_of(i)
+                })
+    }
+
+    /// P4: in Normal with nothing in flight, every member holds the same data.
+    pub fn converged(&self, s: &State) -> bool {
+        let quiet = s.current().phase() == Phase::Normal
+            && s.disks.iter().all(|d| d.up)
+            && s.clients.iter().all(|c| c.op.is_none())
+            && s.tomas.iter().all(|t| t.rebuild.is_none())
+            && !s.net.iter().any(|m| {
+                matches!(
+                    m,
+                    Msg::Req {
+                        req: Req::Write { .. },
+                        ..
+                    }
+                )
+            });
+        !quiet || s.disks.windows(2).all(|w| w[0].data == w[1].data)
+    }
+
+    /// P5: the actors (clients, rebuilder) that hold a complete lock set of `chunk` right now,
+    /// as the TOMAs' lock tables say.
+    pub fn holders(&self, s: &State, chunk: u8) -> Vec<(u8, Gen)> {
+        let ch = usize::from(chunk);
+        let complete = |who: u8, g: Gen| {
+            let set = Self::lock_set(s.topo(g), chunk);
+            set != 0
+                && (0..self.n()).all(|m| {
+                    set & bit(m) == 0 || (s.tomas[m].up && s.tomas[m].locks[ch] == Some(who))
+                })
+        };
+        let mut out = Vec::new();
+        for (c, cl) in s.clients.iter().enumerate() {
+            if let Some(op) = &cl.op {
+                if matches!(op.kind, OpKind::Write(_))
+                    && op.chunk == chunk
+                    && complete(c as u8, op.gen)
+                {
+                    out.push((c as u8, op.gen));
+                }
+            }
+        }
+        for t in &s.tomas {
+            if let Some(rb) = &t.rebuild {
+                if rb.chunk == chunk && complete(REBUILDER, rb.gen) {
+                    out.push((REBUILDER, rb.gen));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn excluded(&self, s: &State) -> bool {
+        (0..CHUNKS as u8).all(|c| self.holders(s, c).len() <= 1)
+    }
+}
+
+fn viol_is(s: &State, p: Prop) -> bool {
+    s.violation.as_ref().is_some_and(|v| v.prop == p)
+}
+
+impl Model for TomaModel {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        let n = self.n();
+        let c = self.cfg.clients;
+        vec![State {
+            topos: Arc::new(vec![self.initial.clone()]),
+            lease_epoch: 0,
+            leader: Leader {
+                epoch: 0,
+                pending: None,
+                zombie: None,
+            },
+            tomas: (0..n).map(|_| Toma::fresh(1, c, true)).collect(),
+            disks: (0..n)
+                .map(|_| Disk {
+                    up: true,
+                    incarnation: 0,
+                    data: [0; CHUNKS],
+                })
+                .collect(),
+            clients: (0..c)
+                .map(|_| Client {
+                    gen: 1,
+                    conn: vec![Conn::Ok; n],
+                    op: None,
+                    writes_done: 0,
+                    reads_done: 0,
+                })
+                .collect(),
+            net: Vec::new(),
+            hist: History {
+                started: [0; CHUNKS],
+                inflight: [0; CHUNKS],
+                stable: [Some(0); CHUNKS],
+                quiet_val: [None; CHUNKS],
+            },
+            violation: None,
+            failures_left: self.cfg.failures,
+            crashes_left: self.cfg.leader_crashes,
+            drops_left: self.cfg.drops,
+        }]
+    }
+
+    fn actions(&self, s: &State, out: &mut Vec<Action>) {
+        if s.violation.is_some() {
+            return;
+        }
+        let n = self.n();
+        for (c, cl) in s.clients.iter().enumerate() {
+            if cl.op.is_none() {
+                for chunk in 0..CHUNKS as u8 {
+                    if cl.writes_done < self.cfg.writes {
+                        out.push(Action::StartWrite {
+                            client: c as u8,
+                            chunk,
+                        });
+                    }
+                    if cl.reads_done < self.reads_of(c) {
+                        out.push(Action::StartRead {
+                            client: c as u8,
+                            chunk,
+                        });
+                    }
+                }
+            }
+        }
+        let mut last: Option<&Msg> = None;
+        for m in &s.net {
+            if last == Some(m) {
+                continue;
+            }
+            last = Some(m);
+            let ok = match m {
+                Msg::Req { from, to, gen, req } => {
+                    self.deliverable(s, *from, usize::from(*to), *gen, req)
+                }
+                Msg::Resp { .. } => true,
+            };
+            if ok {
+                out.push(Action::Deliver(m.clone()));
+            }
+        }
+        let g = s.store_gen();
+        for (i, t) in s.tomas.iter().enumerate() {
+            if t.up && t.gen < g {
+                out.push(Action::TomaLearn(i as u8));
+            }
+            if t.up && t.rebuild.is_none() {
+                let topo = s.topo(t.gen);
+                if Self::rebuilder_of(topo) == Some(i) {
+                    let targets = topo.members_with(Role::W).fold(0, |m, j| m | bit(j));
+                    for chunk in 0..CHUNKS as u8 {
+                        let ch = usize::from(chunk);
+                        if t.dirty[ch] & targets != 0
+                            && t.locks[ch].is_none()
+                            && Self::lock_set(topo, chunk) == bit(i)
+                        {
+                            out.push(Action::RebuildChunk {
+                                member: i as u8,
+                                chunk,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if s.leader.pending.is_some() {
+            out.push(Action::LeaderPublish);
+        }
+        // A crash matters only between computing a topology and writing it: a new leader
+        // resumes from the stored topology, which a crash at any other moment leaves as is.
+        if s.crashes_left > 0 && s.leader.pending.is_some() {
+            out.push(Action::LeaderCrash);
+        }
+        if s.leader.zombie.is_some() {
+            out.push(Action::ZombieWrite);
+        }
+        for i in 0..n {
+            let d = &s.disks[i];
+            if d.up && s.failures_left > 0 && !s.current().role(i).is_dead() {
+                out.push(Action::FailDisk(i as u8));
+            }
+            if !d.up && s.current().role(i).is_dead() {
+                out.push(Action::ReturnDisk {
+                    member: i as u8,
+                    new_disk: false,
+                });
+                if self.cfg.replacement {
+                    out.push(Action::ReturnDisk {
+                        member: i as u8,
+                        new_disk: true,
+                    });
+                }
+            }
+        }
+        if s.drops_left > 0 {
+            for (c, cl) in s.clients.iter().enumerate() {
+                for i in 0..n {
+                    let busy = s.net.iter().any(|m| match m {
+                        Msg::Req { from, to, .. } => {
+                            usize::from(*from) == c && usize::from(*to) == i
+                        }
+                        Msg::Resp { from, to, .. } => {
+                            usize::from(*from) == i && usize::from(*to) == c
+                        }
+                    });
+                    if busy && cl.conn[i] == Conn::Ok && s.tomas[i].up {
+                        out.push(Action::DropConn {
+                            client: c as u8,
+                            member: i as u8,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        let mut s = last.clone();
+        match action {
+            Action::StartWrite { client, chunk } => {
+                let c = usize::from(client);
+                let id = self.write_id(c, s.clients[c].writes_done);
+                s.clients[c].writes_done += 1;
+                self.write_started(&mut s, c, chunk, id);
+                let mut op = Op {
+                    kind: OpKind::Write(id),
+                    chunk,
+                    gen: 0,
+                    stage: Stage::Lock,
+                    pending: 0,
+                    todo: 0,
+                    held: 0,
+                    clear: 0,
+                    expect: None,
+                    quiet: false,
+                };
+                let g = s.clients[c].gen;
+                self.enter_stage(&s, &mut op, Stage::Lock, g);
+                s.clients[c].op = Some(op);
+            }
+            Action::StartRead { client, chunk } => {
+                let c = usize::from(client);
+                s.clients[c].reads_done += 1;
+                let ch = usize::from(chunk);
+                let mut op = Op {
+                    kind: OpKind::Read,
+                    chunk,
+                    gen: 0,
+                    stage: Stage::Read,
+                    pending: 0,
+                    todo: 0,
+                    held: 0,
+                    clear: 0,
+                    expect: s.hist.stable[ch],
+                    quiet: s.hist.inflight[ch] == 0,
+                };
+                let g = s.clients[c].gen;
+                self.enter_stage(&s, &mut op, Stage::Read, g);
+                s.clients[c].op = Some(op);
+            }
+            Action::Deliver(m) => {
+                let pos = s.net.iter().position(|x| *x == m)?;
+                s.net.remove(pos);
+                match m {
+                    Msg::Req { from, to, gen, req } => {
+                        self.toma_receive(&mut s, from, usize::from(to), gen, req)
+                    }
+                    Msg::Resp { from, to, resp } => {
+                        if to == REBUILDER {
+                            self.rebuilder_receive(&mut s, usize::from(from), resp);
+                        } else {
+                            self.client_receive(&mut s, usize::from(to), usize::from(from), resp);
+                        }
+                    }
+                }
+            }
+            Action::TomaLearn(i) => {
+                let i = usize::from(i);
+                let old = s.tomas[i].gen;
+                let g = s.store_gen();
+                s.tomas[i].gen = g;
+                let (old_t, new_t) = (s.topo(old).clone(), s.topo(g).clone());
+                // A NEW disk (or one whose bits are unknown) enters as W: every bit is set
+                // in each holder's RAM.
+                if new_t.role(i) == Role::Rwl {
+                    for (w, m) in new_t.members.iter().enumerate() {
+                        if m.role == Role::W && m.full_rebuild && old_t.role(w) != Role::W {
+                            for d in s.tomas[i].dirty.iter_mut() {
+                                *d |= bit(w);
+                            }
+                        }
+                    }
+                }
+                // Locks and reads waiting on a lock under an older generation are bounced,
+                // so they do not hold back their client's SWITCH_TOPO acknowledgement.
+                let mut bounced = Vec::new();
+                s.net.retain(|m| match m {
+                    Msg::Req {
+                        from,
+                        to,
+                        gen,
+                        req: Req::Lock(ch) | Req::Read(ch),
+                    } if usize::from(*to) == i
+                        && *gen < g
+                        && s.tomas[i].locks[usize::from(*ch)].is_some_and(|h| h != *from) =>
+                    {
+                        bounced.push(*from);
+                        false
+                    }
+                    _ => true,
+                });
+                for from in bounced {
+                    self.respond(&mut s, i, from, Resp::Retry(g));
+                }
+                for c in 0..s.clients.len() {
+                    if s.tomas[i].registered[c] {
+                        s.reply(i, c as u8, Resp::SwitchTopo(g));
+                    }
+                }
+            }
+            Action::RebuildChunk { member, chunk } => {
+                let h = usize::from(member);
+                let ch = usize::from(chunk);
+                let gen = s.tomas[h].gen;
+                let topo = s.topo(gen);
+                let targets =
+                    topo.members_with(Role::W).fold(0, |m, j| m | bit(j)) & s.tomas[h].dirty[ch];
+                let src = read_member(topo, u64::from(chunk))?;
+                let v = s.disks[src].data[ch];
+                s.tomas[h].locks[ch] = Some(REBUILDER);
+                s.tomas[h].rebuild = Some(RebuildOp {
+                    chunk,
+                    gen,
+                    pending: targets,
+                    ok: 0,
+                });
+                for w in 0..self.n() {
+                    if targets & bit(w) != 0 && s.tomas[w].up {
+                        s.send(Msg::Req {
+                            from: REBUILDER,
+                            to: w as u8,
+                            gen,
+                            req: Req::Write {
+                                chunk,
+                                data: Some(v),
+                                dirty: 0,
+                            },
+                        });
+                    }
+                }
+            }
+            Action::LeaderPublish => {
+                let t = s.leader.pending.take()?;
+                // Compare-and-swap on the stored generation, under the Lease epoch.
+                if s.leader.epoch == s.lease_epoch && t.generation == u64::from(s.store_gen()) + 1 {
+                    Arc::make_mut(&mut s.topos).push(t);
+                }
+            }
+            Action::LeaderCrash => {
+                s.crashes_left -= 1;
+                if let Some(t) = s.leader.pending.take() {
+                    s.leader.zombie = Some((s.leader.epoch, t));
+                }
+                s.lease_epoch += 1;
+                s.leader.epoch = s.lease_epoch;
+            }
+            Action::ZombieWrite => {
+                let (epoch, t) = s.leader.zombie.take()?;
+                if epoch == s.lease_epoch && t.generation == u64::from(s.store_gen()) + 1 {
+                    Arc::make_mut(&mut s.topos).push(t);
+                }
+            }
+            Action::FailDisk(i) => {
+                let i = usize::from(i);
+                s.failures_left -= 1;
+                s.disks[i].up = false;
+                self.drop_member(&mut s, i);
+            }
+            Action::ReturnDisk { member, new_disk } => {
+                let i = usize::from(member);
+                let d = &mut s.disks[i];
+                d.up = true;
+                if new_disk {
+                    d.incarnation += 1;
+                    d.data = [GARBAGE; CHUNKS];
+                }
+                let g = s.store_gen();
+                s.tomas[i] = Toma::fresh(g, s.clients.len(), false);
+            }
+            Action::DropConn { client, member } => {
+                s.drops_left -= 1;
+                let (c, i) = (usize::from(client), usize::from(member));
+                s.net.retain(|m| match m {
+                    Msg::Req { from, to, .. } => !(*from == client && *to == member),
+                    Msg::Resp { from, to, .. } => !(*from == member && *to == client),
+                });
+                s.tomas[i].registered[c] = false;
+                let cl = &mut s.clients[c];
+                cl.conn[i] = Conn::Broken;
+                if let Some(op) = cl.op.as_mut() {
+                    if op.pending & bit(i) != 0 {
+                        op.pending &= !bit(i);
+                        op.todo |= bit(i);
+                    }
+                }
+            }
+        }
+        self.settle(&mut s);
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("P1 durability", |_, s| !viol_is(s, Prop::P1)),
+            Property::always("P2 stability", |_, s| !viol_is(s, Prop::P2)),
+            Property::always("P3 validity", |_, s| !viol_is(s, Prop::P3)),
+            Property::always("P4 convergence", |m, s| m.converged(s)),
+            Property::always("P5 exclusion", |m, s| m.excluded(s)),
+            Property::always("planner accepts its input", |_, s| {
+                !viol_is(s, Prop::Planner)
+            }),
+            Property::eventually("P6 liveness", |m, s| m.goal(s)),
+        ]
+    }
+}
