@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test setup fmt-check clippy nextest core-purity demo fmt e2e fuzz
+.PHONY: test setup fmt-check clippy nextest core-purity demo fmt e2e fuzz crds
 
 test: setup fmt-check clippy core-purity nextest fuzz e2e
 
@@ -38,6 +38,10 @@ fuzz:
 # builds the pinned Go tools (etcd, kube-apiserver, ..., helm) once; later runs reuse the cache.
 e2e:
 	e2e/smoke.sh
+
+# CRD YAML in crds/, generated from crates/toma-crds (a test there fails when it is stale).
+crds:
+	$(CARGO) run -q -p toma-crds --bin crdgen -- crds
 
 demo:
 	$(CARGO) run --release -p toma-cli -- demo

@@ -68,6 +68,10 @@ struct Seen {
     at: Duration,
 }
 
+/// Called by `Leader::run` with the topology changes of each pass (see
+/// `Leader::with_transition_hook`).
+pub type TransitionHook = Arc<dyn Fn(&[Transition]) + Send + Sync>;
+
 pub struct Leader {
     cp: Arc<dyn ControlPlane>,
     clock: Arc<dyn Clock>,
@@ -77,6 +81,7 @@ pub struct Leader {
     dead_since: BTreeMap<(VolumeId, usize, DiskId), Duration>,
     /// When this leader first saw each unreachability report, and the node's boot then.
     unreachable_seen: BTreeMap<(VolumeId, DiskId, u64), (Duration, u64)>,
+    hook: Option<TransitionHook>,
 }
 
 impl Leader {
@@ -89,7 +94,16 @@ impl Leader {
             seen: BTreeMap::new(),
             dead_since: BTreeMap::new(),
             unreachable_seen: BTreeMap::new(),
+            hook: None,
         }
+    }
+
+    /// Makes `run` hand every non-empty list of transitions a pass wrote to `hook` (the
+    /// operator publishes a Kubernetes Event per transition). The hook runs inside the loop:
+    /// it must not block (queue the work elsewhere).
+    pub fn with_transition_hook(mut self, hook: TransitionHook) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     pub fn epoch(&self) -> Option<Epoch> {
@@ -299,8 +313,14 @@ impl Leader {
             if *stop.borrow() {
                 return;
             }
-            if let Err(e) = self.tick().await {
-                warn!(error = %e, category = e.category(), "leader pass failed");
+            match self.tick().await {
+                Ok(ts) if !ts.is_empty() => {
+                    if let Some(hook) = &self.hook {
+                        hook(&ts);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, category = e.category(), "leader pass failed"),
             }
             tokio::select! {
                 _ = changes.changed() => {}

@@ -12,5 +12,5 @@ pub mod records;
 pub use api::{ControlPlane, CpError, CpResult};
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use embedded::EmbeddedControlPlane;
-pub use leader::{Leader, LeaderConfig, Transition};
+pub use leader::{Leader, LeaderConfig, Transition, TransitionHook};
 pub use records::*;
