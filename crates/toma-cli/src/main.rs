@@ -6,10 +6,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod check_model;
+mod nbd;
 
 #[derive(Debug, Parser)]
-#[command(name = "toma", version, about = "Toma: a cluster manager for a datapath-blind distributed block store")]
+#[command(
+    name = "toma",
+    version,
+    about = "Toma: a cluster manager for a datapath-blind distributed block store"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +27,8 @@ enum Command {
     Demo,
     /// Exhaustively check the protocol model (stateright, breadth-first).
     CheckModel(check_model::Args),
+    Nbd(nbd::NbdArgs),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,5 +39,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckModel(args) => check_model::run(args),
+        Command::Nbd(args) => report(nbd::run(args)),
+        Command::Bench(args) => report(bench::run(args)),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toma: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
