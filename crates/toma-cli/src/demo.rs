@@ -123,6 +123,18 @@ async fn watch(
     }
 }
 
+/// Runs the demo on its own multi-threaded runtime.
+pub fn main(args: DemoArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(run(args));
+    // Background tasks (agents, connections) are cancelled; don't wait on stragglers.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     if args.raid != "raid1" {
