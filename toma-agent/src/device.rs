@@ -85,6 +85,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), DeviceError>;
+    /// The device lives in this process's memory and never blocks: the agent calls it
+    /// inline instead of on a blocking thread (the deterministic simulation relies on it,
+    /// since blocking threads are real threads).
+    fn in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// Checks alignment and bounds of an I/O; shared by the implementations.
@@ -522,6 +528,9 @@ impl BlockDevice for MemDevice {
         self.check_faults(&st, "flush")?;
         st.unflushed.clear();
         Ok(())
+    }
+    fn in_memory(&self) -> bool {
+        true
     }
 }
 

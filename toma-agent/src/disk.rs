@@ -72,6 +72,11 @@ impl Disk {
         &self.dev
     }
 
+    /// Whether the device is in memory (I/O inline, see [`BlockDevice::in_memory`]).
+    pub fn in_memory(&self) -> bool {
+        self.dev.in_memory()
+    }
+
     /// The device name (its path) for messages.
     pub fn name(&self) -> &str {
         self.dev.name()

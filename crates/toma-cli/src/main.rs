@@ -10,6 +10,7 @@ mod bench;
 mod check_model;
 mod demo;
 mod nbd;
+mod sim;
 mod workload;
 
 #[derive(Debug, Parser)]
@@ -30,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Exhaustively check the protocol model (stateright, breadth-first).
     CheckModel(check_model::Args),
+    /// Deterministic simulation: replay one seed, or run many and print failing seeds.
+    Sim(sim::Args),
     Nbd(nbd::NbdArgs),
     Bench(bench::BenchArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => report(demo::main(args)),
         Command::CheckModel(args) => check_model::run(args),
+        Command::Sim(args) => sim::run(args),
         Command::Nbd(args) => report(nbd::run(args)),
         Command::Bench(args) => report(bench::run(args)),
     }

@@ -1,7 +1,7 @@
 //! One registered connection to one member's TOMA: pipelined calls matched by request id,
 //! and unsolicited messages (SWITCH_TOPO, FENCED) handed to the volume client.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +40,7 @@ pub enum Unsolicited {
     Closed,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Message>>>>;
 
 pub struct Session {
     sender: FrameSender,
@@ -66,7 +66,7 @@ impl Session {
             .map_err(|_| CallError::Unreachable(format!("connect to {addr}: timed out")))?
             .map_err(|e| CallError::Unreachable(format!("connect to {addr}: {e}")))?;
         let (sender, mut receiver) = conn.split();
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(BTreeMap::new()));
         let p = pending.clone();
         tokio::spawn(async move {
             loop {

@@ -5,7 +5,7 @@
 //! Every rule comes from `toma_core::placement` for the topology in use; this file only
 //! carries them out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,8 +37,14 @@ pub struct ClientConfig {
     pub hold_retry: Duration,
     /// Node name recorded with the attachment.
     pub node: String,
+    /// Where client ids come from: `None` (production) draws each from the OS's random
+    /// source; `Some(seed)` derives them deterministically from `seed` (the simulation).
+    pub id_seed: Option<u64>,
     /// Deliberate bugs (model/simulation mutations). Default: none.
+    /// `read_from_w`: reads go to any written member, even one being rebuilt.
     pub read_from_w: bool,
+    /// `no_dirty_bits`: degraded writes set no dirty bit.
+    pub no_dirty_bits: bool,
 }
 
 impl Default for ClientConfig {
@@ -47,7 +53,9 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(3),
             hold_retry: Duration::from_millis(250),
             node: "local".into(),
+            id_seed: None,
             read_from_w: false,
+            no_dirty_bits: false,
         }
     }
 }
@@ -79,10 +87,12 @@ struct Inner {
     topo: watch::Sender<Arc<Topology>>,
     gens: GenTracker,
     client: Mutex<ClientId>,
-    links: Mutex<HashMap<DiskId, Link>>,
-    connecting: Mutex<HashMap<DiskId, Arc<tokio::sync::Mutex<()>>>>,
+    links: Mutex<BTreeMap<DiskId, Link>>,
+    connecting: Mutex<BTreeMap<DiskId, Arc<tokio::sync::Mutex<()>>>>,
     /// Locks this client holds, per member disk (re-asserted on reconnect).
-    held: Mutex<HashMap<DiskId, BTreeSet<u64>>>,
+    held: Mutex<BTreeMap<DiskId, BTreeSet<u64>>>,
+    /// The deterministic id stream when `ClientConfig::id_seed` is set.
+    ids: Mutex<Option<u64>>,
     reported: Mutex<BTreeSet<(DiskId, Generation)>>,
     events: mpsc::UnboundedSender<(DiskId, Unsolicited)>,
     stats: ClientStats,
@@ -105,6 +115,18 @@ enum Retry {
     /// This client was fenced: its locks are gone; start over.
     Fenced,
     Fatal(ClientError),
+}
+
+/// SplitMix64: the next deterministic id of the stream whose state is `state`.
+fn seeded_id(state: &mut u64) -> ClientId {
+    let mut next = || {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    (u128::from(next()) << 64) | u128::from(next())
 }
 
 fn random_id() -> ClientId {
@@ -138,7 +160,8 @@ impl VolumeClient {
             .ok_or(ClientError::UnknownVolume(volume))?
             .value;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let client = random_id();
+        let mut ids = cfg.id_seed;
+        let client = ids.as_mut().map_or_else(random_id, seeded_id);
         let inner = Arc::new(Inner {
             volume,
             spec: rec.spec,
@@ -148,9 +171,10 @@ impl VolumeClient {
             topo: watch::Sender::new(Arc::new(rec.topology.clone())),
             gens: GenTracker::new(rec.topology.generation),
             client: Mutex::new(client),
-            links: Mutex::new(HashMap::new()),
-            connecting: Mutex::new(HashMap::new()),
-            held: Mutex::new(HashMap::new()),
+            links: Mutex::new(BTreeMap::new()),
+            connecting: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            ids: Mutex::new(ids),
             reported: Mutex::new(BTreeSet::new()),
             events: events_tx,
             stats: ClientStats::default(),
@@ -200,7 +224,7 @@ impl VolumeClient {
     /// Detaches: closes every connection and removes the attachment record.
     pub async fn detach(&self) -> Result<(), ClientError> {
         let id = self.client_id();
-        for (_, l) in self.inner.links.lock().drain() {
+        for (_, l) in std::mem::take(&mut *self.inner.links.lock()) {
             l.session.close();
         }
         self.inner
@@ -224,15 +248,28 @@ impl VolumeClient {
 
     /// Reads `len` bytes at volume offset `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, ClientError> {
+        let mut parts = self.read_vectored(offset, len).await?;
+        if parts.len() == 1 {
+            // One lock unit: the member's buffer as it arrived, no copy.
+            return Ok(parts.remove(0));
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for p in &parts {
+            out.extend_from_slice(p);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Reads `len` bytes at volume offset `offset` as one buffer per lock unit, in order
+    /// (their concatenation is what [`read`](Self::read) returns), without copying them
+    /// together: for callers that write them out with vectored I/O.
+    pub async fn read_vectored(&self, offset: u64, len: usize) -> Result<Vec<Bytes>, ClientError> {
         self.check_range(offset, len)?;
         let parts = split(offset, len, self.inner.spec.unit_bytes());
         let results = join_all(parts.iter().map(|p| self.inner.read_unit(*p))).await;
-        let mut out = BytesMut::with_capacity(len);
-        for r in results {
-            out.extend_from_slice(&r?);
-        }
+        let out = results.into_iter().collect::<Result<Vec<Bytes>, _>>()?;
         self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
-        Ok(out.freeze())
+        Ok(out)
     }
 
     /// Writes `data` at volume offset `offset`. Returns once it is on every writable member
@@ -260,7 +297,13 @@ impl VolumeClient {
             if let Ok(s) = self.inner.link(disk).await {
                 match s.call(t.generation, Message::Flush).await {
                     Ok(_) => {}
+                    // A member that cannot be reached, or whose disk fails, is declared
+                    // DEAD and rebuilt from the others.
                     Err(CallError::Unreachable(_)) => {}
+                    Err(CallError::Refused {
+                        code: ErrorCode::Io,
+                        ..
+                    }) => {}
                     Err(e) => return Err(ClientError::Member(m, e.to_string())),
                 }
             }
@@ -481,12 +524,12 @@ impl Inner {
             if *id != old {
                 return;
             }
-            *id = random_id();
+            *id = self.ids.lock().as_mut().map_or_else(random_id, seeded_id);
             *id
         };
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
         warn!(volume = %self.volume, "this client was fenced; re-registering under a new id");
-        for (_, l) in self.links.lock().drain() {
+        for (_, l) in std::mem::take(&mut *self.links.lock()) {
             l.session.close();
         }
         self.held.lock().clear();
@@ -537,6 +580,16 @@ impl Inner {
                 // Forget the session so the next try reconnects.
                 self.links.lock().remove(&t.members[member].disk);
                 self.report_unreachable(t, member, &why);
+                Retry::Topology
+            }
+            // The member's disk failed the I/O: its agent reports the disk unhealthy and the
+            // leader declares the member DEAD. Hold the operation like for an unreachable
+            // member (never fail it while the volume can still be written).
+            CallError::Refused {
+                code: ErrorCode::Io,
+                message,
+            } => {
+                self.report_unreachable(t, member, &message);
                 Retry::Topology
             }
             CallError::Refused { code, message } => match code {
@@ -678,7 +731,7 @@ impl Inner {
         // Locks on members that are DEAD now are gone with them.
         held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
         self.take_locks(t, p.unit, &lock_set, held).await?;
-        if let Some(d) = sets_dirty(t, p.unit) {
+        if let Some(d) = sets_dirty(t, p.unit).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, p.unit, &d, true).await?;
         }
         let targets = write_members(t, p.unit);
@@ -790,8 +843,13 @@ impl Inner {
             let Some(m) = t.members.iter().position(|x| x.disk == disk) else {
                 continue;
             };
-            // An unlock that does not arrive is cleaned up by fencing or Rebuild-init.
-            let _ = self.call(t, m, Message::Unlock { unit }).await;
+            // Sent without waiting for the reply: every write of this unit has completed
+            // (or the caller gives up), and the TOMA serves LOCK/UNLOCK of a connection in
+            // arrival order, so a later LOCK of this unit on this session cannot overtake
+            // it. An unlock that does not arrive is cleaned up by fencing or Rebuild-init.
+            if let Ok(s) = self.link(t.members[m].disk).await {
+                s.tell(t.generation, Message::Unlock { unit }).await;
+            }
         }
     }
 

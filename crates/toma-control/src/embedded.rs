@@ -29,6 +29,7 @@ struct State {
 pub struct EmbeddedControlPlane {
     state: Mutex<State>,
     tx: watch::Sender<u64>,
+    check_adjacent: bool,
 }
 
 impl Default for EmbeddedControlPlane {
@@ -43,6 +44,17 @@ impl EmbeddedControlPlane {
         EmbeddedControlPlane {
             state: Mutex::new(State::default()),
             tx,
+            check_adjacent: true,
+        }
+    }
+
+    /// A store that does not refuse non-adjacent topology writes. The check is defence in
+    /// depth; the simulation turns it off for a mutated leader, to show that the datapath
+    /// checkers catch what the store would have refused.
+    pub fn without_adjacency_check() -> Self {
+        EmbeddedControlPlane {
+            check_adjacent: false,
+            ..Self::new()
         }
     }
 
@@ -120,8 +132,14 @@ impl ControlPlane for EmbeddedControlPlane {
                 actual: cur.version,
             });
         }
-        check_adjacent(&cur.value.topology, &topology)
-            .map_err(|v| CpError::Rejected(format!("volume {id}: {v}")))?;
+        if self.check_adjacent {
+            check_adjacent(&cur.value.topology, &topology)
+                .map_err(|v| CpError::Rejected(format!("volume {id}: {v}")))?;
+        } else {
+            topology
+                .validate()
+                .map_err(|e| CpError::Rejected(format!("volume {id}: {e}")))?;
+        }
         let version = self.bump(&mut st);
         if let Some(cur) = st.volumes.get_mut(&id) {
             cur.value.topology = topology;

@@ -12,7 +12,7 @@ use toma_wire::{ErrorCode, Frame, LockEntry, Message, MAX_DIRTY_UNITS};
 use tracing::{debug, info, warn};
 
 use super::member::{ClientEntry, Member};
-use super::{fence, AgentInner};
+use super::{disk_io, fence, AgentInner};
 use crate::device::ALIGN;
 use crate::state::{ClientId, StateError};
 use crate::superblock::SuperblockError;
@@ -79,6 +79,20 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                             ),
                         )))
                         .await;
+                    continue;
+                }
+                if matches!(
+                    frame.msg,
+                    Message::Lock { .. }
+                        | Message::Unlock { .. }
+                        | Message::SetDirty { .. }
+                        | Message::ClearDirty { .. }
+                ) {
+                    // RAM-only requests are served in arrival order, inline: a client may
+                    // send UNLOCK without waiting for its reply, and its next LOCK of the
+                    // unit on this connection must not overtake it. (No task spawn either.)
+                    let reply = handle(&agent, &b.member, b.client, &frame).await;
+                    let _ = sender.send(&frame.reply(reply)).await;
                     continue;
                 }
                 let (agent, member, client, sender) =
@@ -213,7 +227,8 @@ async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<B
         ));
     }
     let (disk, vol, idx) = (m.disk.clone(), m.volume, m.idx());
-    let res = tokio::task::spawn_blocking(move || {
+    let d = disk.clone();
+    let res = disk_io(&d, move || {
         let mut buf = vec![0u8; len as usize];
         disk.read_member(vol, idx, offset, &mut buf).map(|_| buf)
     })
@@ -221,7 +236,7 @@ async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<B
     match res {
         Ok(Ok(buf)) => Ok(Bytes::from(buf)),
         Ok(Err(e)) => Err(io_err(agent, m, e)),
-        Err(e) => Err(err(ErrorCode::Io, e.to_string())),
+        Err(e) => Err(err(ErrorCode::Io, e)),
     }
 }
 
@@ -308,11 +323,11 @@ async fn handle(
             if rt.locks.is_fenced(client) {
                 return err(ErrorCode::Fenced, "this client is fenced here");
             }
-            match tokio::task::spawn_blocking(move || disk.write_member(vol, idx, off, &data)).await
-            {
+            let d = disk.clone();
+            match disk_io(&d, move || disk.write_member(vol, idx, off, &data)).await {
                 Ok(Ok(())) => Message::Ok,
                 Ok(Err(e)) => io_err(agent, m, e),
-                Err(e) => err(ErrorCode::Io, e.to_string()),
+                Err(e) => err(ErrorCode::Io, e),
             }
         }
         Message::Lock { unit } => {
@@ -345,7 +360,7 @@ async fn handle(
         },
         Message::Flush => {
             let disk = m.disk.clone();
-            match tokio::task::spawn_blocking(move || disk.flush()).await {
+            match disk_io(&m.disk, move || disk.flush()).await {
                 Ok(Ok(())) => Message::Ok,
                 Ok(Err(e)) => err(ErrorCode::Io, e.to_string()),
                 Err(e) => err(ErrorCode::Io, e.to_string()),

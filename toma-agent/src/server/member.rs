@@ -1,7 +1,7 @@
 //! One volume member hosted by this agent: its topology as this TOMA knows it, its
 //! registered clients and their acknowledgements, and its RAM locks and dirty bits.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub struct Member {
     pub idx: Mutex<MemberIdx>,
     pub topology: Mutex<Arc<Topology>>,
     pub runtime: Mutex<Arc<MemberRuntime>>,
-    pub clients: Mutex<HashMap<ClientId, ClientEntry>>,
+    pub clients: Mutex<BTreeMap<ClientId, ClientEntry>>,
     /// Until then (this agent's clock) locks are not granted: the agent restarted and waits
     /// for attached clients to re-register with their held locks.
     pub grace_until: Mutex<Option<Duration>>,

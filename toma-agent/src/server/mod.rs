@@ -11,7 +11,7 @@ mod fence;
 mod member;
 mod rebuild;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// After a restart, locks are not granted for this long unless every attached client
     /// re-registered sooner.
     pub restart_grace: Duration,
+    /// Ids of this agent's own client (rebuild, recovery): `None` draws them from the OS's
+    /// random source; `Some(seed)` derives them from `seed` (the simulation).
+    pub client_id_seed: Option<u64>,
 }
 
 impl AgentConfig {
@@ -58,6 +61,7 @@ impl AgentConfig {
             ack_timeout: Duration::from_secs(5),
             reconnect_grace: Duration::from_secs(5),
             restart_grace: Duration::from_secs(5),
+            client_id_seed: None,
         }
     }
 }
@@ -69,8 +73,8 @@ pub(crate) struct AgentInner {
     pub clock: Arc<dyn Clock>,
     pub disks: Vec<Arc<Disk>>,
     pub healthy: HashMap<DiskId, AtomicBool>,
-    pub members: Mutex<HashMap<VolumeId, Arc<Member>>>,
-    pub local: tokio::sync::Mutex<HashMap<VolumeId, VolumeClient>>,
+    pub members: Mutex<BTreeMap<VolumeId, Arc<Member>>>,
+    pub local: tokio::sync::Mutex<BTreeMap<VolumeId, VolumeClient>>,
     pub next_conn: AtomicU64,
     pub endpoint: String,
     pub boot: u64,
@@ -140,8 +144,8 @@ impl Agent {
             clock,
             disks,
             healthy,
-            members: Mutex::new(HashMap::new()),
-            local: tokio::sync::Mutex::new(HashMap::new()),
+            members: Mutex::new(BTreeMap::new()),
+            local: tokio::sync::Mutex::new(BTreeMap::new()),
             next_conn: AtomicU64::new(1),
             endpoint,
             boot,
@@ -174,6 +178,21 @@ impl Agent {
         let rec = tokio::spawn(reconcile_loop(inner.clone()));
         inner.tasks.lock().extend([acc, rec]);
         Ok(AgentHandle { inner })
+    }
+}
+
+/// Runs blocking disk work `f` on a blocking thread, or inline when `disk` is in memory
+/// (never blocks; keeps a simulated run on one thread and reproducible).
+pub(crate) async fn disk_io<T: Send + 'static>(
+    disk: &Disk,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if disk.in_memory() {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -210,6 +229,10 @@ impl AgentInner {
         }
         let cfg = ClientConfig {
             node: self.cfg.node.0.clone(),
+            id_seed: self
+                .cfg
+                .client_id_seed
+                .map(|s| s ^ volume.0 as u64 ^ (volume.0 >> 64) as u64),
             ..ClientConfig::default()
         };
         match VolumeClient::attach(self.cp.clone(), self.transport.clone(), volume, cfg).await {
@@ -304,7 +327,8 @@ impl AgentInner {
             self.local.lock().await.remove(&m.volume);
             let disk = m.disk.clone();
             let (vol, idx) = (m.volume, m.idx());
-            let _ = tokio::task::spawn_blocking(move || disk.free_extent(vol, idx)).await;
+            let d = disk.clone();
+            let _ = disk_io(&d, move || disk.free_extent(vol, idx)).await;
         }
     }
 
@@ -314,7 +338,7 @@ impl AgentInner {
         let had_extent = disk.extent(rec.id, idx).is_some();
         if !had_extent {
             let (d, vol, len, g) = (disk.clone(), rec.id, rec.spec.member_bytes(), t.generation);
-            match tokio::task::spawn_blocking(move || d.allocate_extent(vol, idx, len, g)).await {
+            match disk_io(&disk, move || d.allocate_extent(vol, idx, len, g)).await {
                 Ok(Ok(e)) => {
                     info!(volume = %rec.name, member = idx, offset = e.offset, length = e.length, "extent allocated");
                 }
@@ -353,7 +377,7 @@ impl AgentInner {
             idx: Mutex::new(idx),
             topology: Mutex::new(Arc::new(t.clone())),
             runtime: Mutex::new(runtime),
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(BTreeMap::new()),
             grace_until: Mutex::new(if restarted && !attached.is_empty() {
                 Some(now + self.cfg.restart_grace)
             } else {
@@ -372,7 +396,7 @@ impl AgentInner {
     async fn record_extent(&self, m: &Member, t: &Topology, idx: usize) {
         let state = MemberState::Member(t.members[idx].role);
         let (d, vol, g) = (m.disk.clone(), m.volume, t.generation);
-        match tokio::task::spawn_blocking(move || d.update_extent(vol, idx, g, state)).await {
+        match disk_io(&m.disk, move || d.update_extent(vol, idx, g, state)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 warn!(volume = %m.name, error = %e, "cannot record the member's generation")
@@ -509,7 +533,9 @@ async fn reconcile_loop(inner: Arc<AgentInner>) {
         inner.sync_volumes().await;
         inner.check_timers();
         inner.report_members().await;
+        // `biased`: a fixed polling order, so that a simulated run is reproducible.
         tokio::select! {
+            biased;
             _ = changes.changed() => {}
             _ = poke.changed() => {}
             _ = tokio::time::sleep(inner.cfg.tick) => {}

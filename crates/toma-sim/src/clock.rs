@@ -1,0 +1,29 @@
+//! Each simulated node's own monotonic clock: an offset and a rate over tokio's (paused,
+//! virtual) time. No correctness rule may compare two of them.
+
+use std::time::Duration;
+
+use toma_control::Clock;
+
+pub struct SimClock {
+    start: tokio::time::Instant,
+    offset: Duration,
+    rate: f64,
+}
+
+impl SimClock {
+    /// Must be called inside the simulation's runtime.
+    pub fn new(offset: Duration, rate: f64) -> Self {
+        SimClock {
+            start: tokio::time::Instant::now(),
+            offset,
+            rate,
+        }
+    }
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Duration {
+        self.offset + self.start.elapsed().mul_f64(self.rate)
+    }
+}
