@@ -311,9 +311,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     // Statistics.
-    let tl = timeline.lock();
-    let degraded_at = tl.first(Phase::Degraded, killed_at).unwrap_or(killed_at);
-    let init_at = tl.first(Phase::RebuildInit, killed_at).unwrap_or(normal_at);
+    let (degraded_at, init_at) = {
+        let tl = timeline.lock();
+        (
+            tl.first(Phase::Degraded, killed_at).unwrap_or(killed_at),
+            tl.first(Phase::RebuildInit, killed_at).unwrap_or(normal_at),
+        )
+    };
     let records = work.records.lock().clone();
     let mut all: Vec<Duration> = records.iter().map(|r| r.end - r.start).collect();
     let mut during: Vec<Duration> = records
