@@ -95,20 +95,6 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                     let _ = sender.send(&frame.reply(reply)).await;
                     continue;
                 }
-                if matches!(
-                    frame.msg,
-                    Message::Lock { .. }
-                        | Message::Unlock { .. }
-                        | Message::SetDirty { .. }
-                        | Message::ClearDirty { .. }
-                ) {
-                    // RAM-only requests are served in arrival order, inline: a client may
-                    // send UNLOCK without waiting for its reply, and its next LOCK of the
-                    // unit on this connection must not overtake it. (No task spawn either.)
-                    let reply = handle(&agent, &b.member, b.client, &frame).await;
-                    let _ = sender.send(&frame.reply(reply)).await;
-                    continue;
-                }
                 let (agent, member, client, sender) =
                     (agent.clone(), b.member.clone(), b.client, sender.clone());
                 tokio::spawn(async move {
@@ -173,6 +159,15 @@ fn register(
         // after a reconnect. Never steal another client's lock.
         if rt.locks.holder(unit).is_none() {
             let _ = rt.locks.install(unit, id);
+        }
+    }
+    // `held_locks` is the client's own list of what it holds here. A lock this TOMA still
+    // has for it that is not on the list was released by an UNLOCK that never arrived (its
+    // old connection was reset): free it, or it would block that chunk forever.
+    for unit in rt.locks.locks_of(id) {
+        if !held_locks.contains(&unit) {
+            debug!(volume = %member.name, client = %id, unit, "freeing a lock the client no longer holds");
+            rt.locks.force_unlock(unit);
         }
     }
     let now = agent.now();
