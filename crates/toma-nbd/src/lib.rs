@@ -377,20 +377,21 @@ where
     }
 }
 
-/// One reply: the 16-byte simple reply header and, for a successful READ, the data.
+/// One reply: the 16-byte simple reply header and, for a successful READ, the data (one
+/// buffer per lock unit, written out with the header in one vectored write).
 struct Reply {
     head: [u8; 16],
-    data: Option<Bytes>,
+    data: Vec<Bytes>,
 }
 
-fn reply(cookie: u64, error: u32, data: Option<Bytes>) -> Reply {
+fn reply(cookie: u64, error: u32, data: Vec<Bytes>) -> Reply {
     let mut head = [0u8; 16];
     head[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     head[4..8].copy_from_slice(&error.to_be_bytes());
     head[8..].copy_from_slice(&cookie.to_be_bytes());
     Reply {
         head,
-        data: if error == 0 { data } else { None },
+        data: if error == 0 { data } else { Vec::new() },
     }
 }
 
@@ -442,7 +443,7 @@ where
                     Ok(_) => break Err(io::ErrorKind::UnexpectedEof.into()),
                     Err(e) => break Err(e),
                 }
-                let _ = tx.send(reply(req.cookie, errno::EINVAL, None)).await;
+                let _ = tx.send(reply(req.cookie, errno::EINVAL, Vec::new())).await;
                 continue;
             }
             match read_payload(&mut r, req.len as usize).await {
@@ -508,9 +509,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &mut [Reply]) -> i
     let mut bufs: Vec<Bytes> = Vec::with_capacity(batch.len() * 2);
     for r in batch.iter_mut() {
         bufs.push(Bytes::copy_from_slice(&r.head));
-        if let Some(d) = r.data.take() {
-            bufs.push(d);
-        }
+        bufs.append(&mut r.data);
     }
     let mut start = 0;
     while start < bufs.len() {
@@ -571,13 +570,13 @@ impl Export {
 
     async fn handle(&self, req: &Request, payload: Option<Bytes>) -> Reply {
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let res: Result<Option<Bytes>, u32> = match req.kind {
+        let res: Result<Vec<Bytes>, u32> = match req.kind {
             CMD_READ => match self.check(req, errno::EINVAL) {
-                Ok(()) => self.read(req.offset, req.len as usize).await.map(Some),
+                Ok(()) => self.read(req.offset, req.len as usize).await,
                 Err(e) => Err(e),
             },
             CMD_WRITE => match (self.check(req, errno::ENOSPC), payload) {
-                (Ok(()), Some(data)) => self.write(req.offset, data, fua).await.map(|_| None),
+                (Ok(()), Some(data)) => self.write(req.offset, data, fua).await.map(|_| Vec::new()),
                 (Ok(()), None) => Err(errno::EINVAL),
                 (Err(e), _) => Err(e),
             },
@@ -585,15 +584,15 @@ impl Export {
                 Ok(()) => self
                     .write_zeroes(req.offset, u64::from(req.len), fua)
                     .await
-                    .map(|_| None),
+                    .map(|_| Vec::new()),
                 Err(e) => Err(e),
             },
             CMD_TRIM => {
                 // Advisory: the data is left as it is (the protocol lets a trimmed range
                 // read as anything until it is written again).
-                self.check(req, errno::EINVAL).map(|_| None)
+                self.check(req, errno::EINVAL).map(|_| Vec::new())
             }
-            CMD_FLUSH => self.flush().await.map(|_| None),
+            CMD_FLUSH => self.flush().await.map(|_| Vec::new()),
             other => {
                 debug!(command = other, "unknown NBD command");
                 Err(errno::EINVAL)
@@ -601,7 +600,7 @@ impl Export {
         };
         match res {
             Ok(data) => reply(req.cookie, 0, data),
-            Err(e) => reply(req.cookie, e, None),
+            Err(e) => reply(req.cookie, e, Vec::new()),
         }
     }
 
@@ -612,23 +611,24 @@ impl Export {
         })
     }
 
-    async fn read(&self, offset: u64, len: usize) -> Result<Bytes, u32> {
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<Bytes>, u32> {
         let a0 = offset - offset % BLOCK;
         let a1 = (offset + len as u64).div_ceil(BLOCK) * BLOCK;
+        let fail = |e: ClientError| {
+            warn!(error = %e, offset, len, "NBD read failed");
+            client_errno(&e)
+        };
+        if a0 == offset && a1 - a0 == len as u64 {
+            // Aligned: the members' buffers go out as they are (vectored, no copy).
+            return self.client.read_vectored(offset, len).await.map_err(fail);
+        }
         let data = self
             .client
             .read(a0, (a1 - a0) as usize)
             .await
-            .map_err(|e| {
-                warn!(error = %e, offset, len, "NBD read failed");
-                client_errno(&e)
-            })?;
-        if a0 == offset && a1 - a0 == len as u64 {
-            Ok(data)
-        } else {
-            let at = (offset - a0) as usize;
-            Ok(data.slice(at..at + len))
-        }
+            .map_err(fail)?;
+        let at = (offset - a0) as usize;
+        Ok(vec![data.slice(at..at + len)])
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), u32> {
