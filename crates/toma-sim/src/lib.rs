@@ -23,6 +23,7 @@ pub mod disk;
 pub mod net;
 pub mod rng;
 pub mod verify;
+pub mod watchdog;
 mod world;
 
 use std::collections::BTreeSet;

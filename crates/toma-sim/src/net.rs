@@ -21,6 +21,7 @@ use toma_wire::transport::{BoxFuture, Conn, ConnHandle, Listener, Transport};
 use toma_wire::{decode_frame, ConnError, EncodedFrame, Frame};
 
 use crate::rng::Rng;
+use crate::watchdog::Watchdog;
 
 /// Sees every frame when it is delivered (the invariant checker).
 pub trait Observer: Send + Sync {
@@ -85,6 +86,7 @@ struct State {
 pub struct SimNet {
     st: Arc<Mutex<State>>,
     obs: Arc<dyn Observer>,
+    wd: Arc<Watchdog>,
 }
 
 enum Fate {
@@ -93,7 +95,13 @@ enum Fate {
 }
 
 impl SimNet {
-    pub fn new(nodes: usize, rng: Rng, params: LinkParams, obs: Arc<dyn Observer>) -> Self {
+    pub fn new(
+        nodes: usize,
+        rng: Rng,
+        params: LinkParams,
+        obs: Arc<dyn Observer>,
+        wd: Arc<Watchdog>,
+    ) -> Self {
         SimNet {
             st: Arc::new(Mutex::new(State {
                 rng,
@@ -107,6 +115,7 @@ impl SimNet {
                 stats: NetStats::default(),
             })),
             obs,
+            wd,
         }
     }
 
@@ -179,6 +188,7 @@ impl SimNet {
     }
 
     fn fate(&self, id: u64, from: usize, to: usize, lost_once: &mut bool) -> Fate {
+        self.wd.step("a frame sent");
         let mut st = self.st.lock();
         st.stats.frames += 1;
         if st.down.contains(&from) || st.down.contains(&to) || st.cut.contains(&(from, to)) {
@@ -205,6 +215,7 @@ impl SimNet {
     }
 
     async fn dial(&self, from: usize, inc: u64, addr: &str) -> io::Result<Conn> {
+        self.wd.step("a connection attempt");
         let refused = |why: String| io::Error::new(io::ErrorKind::ConnectionRefused, why);
         let (to, tx, blocked, rtt) = {
             let mut st = self.st.lock();

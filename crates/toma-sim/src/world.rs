@@ -23,6 +23,7 @@ use crate::disk::SimDisk;
 use crate::net::{LinkParams, SimNet};
 use crate::rng::Rng;
 use crate::verify::{block_bytes, BLOCK};
+use crate::watchdog::{Watchdog, MAX_SIM_TIME};
 use crate::{Mutation, Options, Report};
 
 const CHUNK: u64 = 16 * 1024;
@@ -112,18 +113,26 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         dup: if rng.chance(0.4) { 0.002 } else { 0.0 },
         reorder: rng.chance(0.4),
     };
-    let net = SimNet::new(storage + clients_n, rng.fork(), calm, ck.clone());
+    let wd = Arc::new(Watchdog::new());
+    let net = SimNet::new(
+        storage + clients_n,
+        rng.fork(),
+        calm,
+        ck.clone(),
+        wd.clone(),
+    );
     let mut clocks: Vec<Arc<dyn Clock>> = Vec::new();
     let mut skew = false;
     for _ in 0..storage {
         let rate = 1.0 + (rng.unit() - 0.5) * 0.2;
         let offset = Duration::from_millis(rng.below(1_000_000));
         skew |= (rate - 1.0).abs() > 0.01;
-        clocks.push(Arc::new(SimClock::new(offset, rate)));
+        clocks.push(Arc::new(SimClock::new(offset, rate, wd.clone())));
     }
     let leader_clock: Arc<dyn Clock> = Arc::new(SimClock::new(
         Duration::from_millis(rng.below(1_000_000)),
         1.0 + (rng.unit() - 0.5) * 0.2,
+        wd.clone(),
     ));
     let cluster = ClusterId(u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()));
     let disks = (0..storage)
@@ -172,12 +181,30 @@ pub async fn run(seed: u64, opts: Options) -> Report {
             "frames of a connection may overtake each other",
         );
     }
-    if let Err(e) = w.setup(mirrors).await {
-        ck.violate(format!("setup failed: {e}"));
-    } else {
-        w.chaos().await;
-        if ck.violation().is_none() {
-            w.heal_and_check().await;
+    // The watchdog: no seed hangs (bounded simulated time, bounded steps).
+    let body = async {
+        if let Err(e) = w.setup(mirrors).await {
+            ck.violate(format!("setup failed: {e}"));
+        } else {
+            w.chaos().await;
+            if ck.violation().is_none() {
+                w.heal_and_check().await;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        why = wd.tripped() => ck.violate(format!(
+            "watchdog: {why}; operations in progress: [{}]",
+            ck.pending_ops().join("; ")
+        )),
+        done = tokio::time::timeout(MAX_SIM_TIME, body) => {
+            if done.is_err() {
+                ck.violate(format!(
+                    "watchdog: the run lasted {MAX_SIM_TIME:?} of simulated time; operations in progress: [{}]",
+                    ck.pending_ops().join("; ")
+                ));
+            }
         }
     }
     w.stop.send_replace(true);
