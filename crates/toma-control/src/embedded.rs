@@ -20,7 +20,10 @@ struct State {
     volumes: BTreeMap<VolumeId, Versioned<VolumeRecord>>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     disks: BTreeMap<DiskId, DiskRecord>,
-    statuses: BTreeMap<(VolumeId, DiskId), MemberStatus>,
+    /// Keyed by the reporting node too: an agent that still believes it hosts a disk that
+    /// was moved to another node must not overwrite (and wake everyone with) the new
+    /// host's report, over and over (the simulation's livelock, seeds 101 and 103).
+    statuses: BTreeMap<(VolumeId, DiskId, NodeId), MemberStatus>,
     unreachable: BTreeMap<(VolumeId, DiskId), Unreachable>,
     attachments: BTreeMap<(VolumeId, u128), Attachment>,
 }
@@ -101,7 +104,7 @@ impl ControlPlane for EmbeddedControlPlane {
         if st.volumes.remove(&id).is_none() {
             return Err(CpError::NoVolume(id));
         }
-        st.statuses.retain(|(v, _), _| *v != id);
+        st.statuses.retain(|(v, _, _), _| *v != id);
         st.unreachable.retain(|(v, _), _| *v != id);
         st.attachments.retain(|(v, _), _| *v != id);
         self.bump(&mut st);
@@ -193,14 +196,15 @@ impl ControlPlane for EmbeddedControlPlane {
             .state
             .lock()
             .statuses
-            .range((volume, DiskId(0))..=(volume, DiskId(u128::MAX)))
+            .range((volume, DiskId(0), NodeId(String::new()))..)
+            .take_while(|((v, _, _), _)| *v == volume)
             .map(|(_, s)| s.clone())
             .collect())
     }
 
     async fn put_member_status(&self, status: MemberStatus) -> CpResult<()> {
         let mut st = self.state.lock();
-        let key = (status.volume, status.disk);
+        let key = (status.volume, status.disk, status.node.clone());
         if st.statuses.get(&key) != Some(&status) {
             st.statuses.insert(key, status);
             self.bump(&mut st);

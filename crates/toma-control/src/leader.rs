@@ -201,6 +201,12 @@ impl Leader {
             }
             let rebuild_done = statuses
                 .iter()
+                // Only the member's current host speaks for it.
+                .filter(|s| {
+                    t.members
+                        .iter()
+                        .any(|m| m.disk == s.disk && m.node == s.node)
+                })
                 .filter_map(|s| s.rebuild)
                 .find(|r| r.finished && r.generation == t.generation)
                 .map(|r| r.generation);
