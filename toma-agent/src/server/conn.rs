@@ -95,20 +95,6 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                     let _ = sender.send(&frame.reply(reply)).await;
                     continue;
                 }
-                if matches!(
-                    frame.msg,
-                    Message::Lock { .. }
-                        | Message::Unlock { .. }
-                        | Message::SetDirty { .. }
-                        | Message::ClearDirty { .. }
-                ) {
-                    // RAM-only requests are served in arrival order, inline: a client may
-                    // send UNLOCK without waiting for its reply, and its next LOCK of the
-                    // unit on this connection must not overtake it. (No task spawn either.)
-                    let reply = handle(&agent, &b.member, b.client, &frame).await;
-                    let _ = sender.send(&frame.reply(reply)).await;
-                    continue;
-                }
                 let (agent, member, client, sender) =
                     (agent.clone(), b.member.clone(), b.client, sender.clone());
                 tokio::spawn(async move {
