@@ -140,11 +140,30 @@ impl AlignedBuf {
         let start = if start < ALIGN { start } else { 0 };
         AlignedBuf { raw, start, len }
     }
+    /// An aligned copy of `data`, without zeroing the buffer first (only the < ALIGN bytes
+    /// of slack before the aligned start are written twice).
+    pub fn copy_of(data: &[u8]) -> Self {
+        let mut raw: Vec<u8> = Vec::with_capacity(data.len() + ALIGN);
+        let start = raw.as_ptr().align_offset(ALIGN);
+        let start = if start < ALIGN { start } else { 0 };
+        // Within the capacity: the allocation does not move, so `start` stays aligned.
+        raw.resize(start, 0);
+        raw.extend_from_slice(data);
+        AlignedBuf {
+            raw,
+            start,
+            len: data.len(),
+        }
+    }
     pub fn len(&self) -> usize {
         self.len
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// The buffer as `Bytes`, without copying (the aligned window of the allocation).
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.raw).slice(self.start..self.start + self.len)
     }
 }
 
@@ -344,8 +363,8 @@ impl BlockDevice for FileDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         check_io(self, "write", offset, buf.len())?;
         if self.mode == IoMode::Direct && !is_aligned(buf) {
-            let mut bounce = AlignedBuf::zeroed(buf.len());
-            bounce.copy_from_slice(buf);
+            // The bytes a client sent sit at any address: one aligned copy, not zeroed first.
+            let bounce = AlignedBuf::copy_of(buf);
             return self
                 .file
                 .write_all_at(&bounce, offset)

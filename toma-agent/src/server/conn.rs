@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::member::{ClientEntry, Member};
 use super::{disk_io, fence, AgentInner};
-use crate::device::ALIGN;
+use crate::device::{AlignedBuf, ALIGN};
 use crate::state::{ClientId, StateError};
 use crate::superblock::SuperblockError;
 
@@ -238,12 +238,13 @@ async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<B
     let (disk, vol, idx) = (m.disk.clone(), m.volume, m.idx());
     let d = disk.clone();
     let res = disk_io(&d, move || {
-        let mut buf = vec![0u8; len as usize];
+        // Aligned, so an O_DIRECT device reads straight into it (no bounce buffer and copy).
+        let mut buf = AlignedBuf::zeroed(len as usize);
         disk.read_member(vol, idx, offset, &mut buf).map(|_| buf)
     })
     .await;
     match res {
-        Ok(Ok(buf)) => Ok(Bytes::from(buf)),
+        Ok(Ok(buf)) => Ok(buf.into_bytes()),
         Ok(Err(e)) => Err(io_err(agent, m, e)),
         Err(e) => Err(err(ErrorCode::Io, e)),
     }
