@@ -45,13 +45,6 @@ fn raid6_is_not_available_yet() {
 }
 
 #[test]
-fn demo_is_a_stub() {
-    let (code, out, _) = toma(&["demo"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("toma demo: not built yet"));
-}
-
-#[test]
 fn a_mutation_prints_a_counterexample_and_exits_1() {
     let (code, out, err) = toma(&["check-model", "--mutate", "skip-dual-lock"]);
     assert_eq!(code, 1, "{out}{err}");
