@@ -105,11 +105,14 @@ pub fn replay_command(seed: u64, opts: &Options) -> String {
 
 /// Runs one seed on a fresh single-threaded runtime with paused time.
 pub fn run(seed: u64, opts: &Options) -> Report {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    // tokio's own randomness (which shard of a `watch` channel a receiver waits in, hence
+    // the order in which a send wakes its receivers; `select!` without `biased`) must come
+    // from the seed too. `rng_seed` needs `--cfg tokio_unstable` (.cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             return Report {

@@ -4,18 +4,25 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use toma_sim::{replay_command, run, Options};
+use toma_sim::{replay_command, run, Mutation, Options};
 
 /// Seeds per run of `many_seeds_pass` (override with TOMA_SIM_SEEDS).
 const SEEDS: u64 = 500;
 
-/// Not yet in `make test`: a run with long message delays (request timeouts) is not yet
-/// reproducible; the remaining source of non-determinism is still to be found.
+/// Two runs of one seed print byte-identical event logs. Seeds 105 and 111 have long
+/// message delays (request timeouts), 5 and 9 client crashes and resets: all of them
+/// differed run to run while tokio's own randomness (the shard a `watch` receiver waits
+/// in, which orders the wake-ups of one send) came from the OS instead of the seed.
 #[test]
-#[ignore = "runs with request timeouts are not yet reproducible"]
 fn a_seed_replays_to_the_same_event_log() {
+    if !cfg!(tokio_unstable) {
+        panic!(
+            "the simulation is reproducible only with `--cfg tokio_unstable` (.cargo/config.toml; \
+             a RUSTFLAGS environment variable replaces it)"
+        );
+    }
     let opts = Options::default();
-    for seed in [105, 107] {
+    for seed in [105, 111, 5, 9, 107] {
         let a = run(seed, &opts);
         let b = run(seed, &opts);
         assert!(
@@ -23,19 +30,68 @@ fn a_seed_replays_to_the_same_event_log() {
             "seed {seed}: the log is too short: {:?}",
             a.log
         );
-        assert_eq!(
-            a.log.join("\n"),
-            b.log.join("\n"),
-            "seed {seed}: two runs differ; replay: {}",
+        let (a, b) = (a.log.join("\n"), b.log.join("\n"));
+        if a != b {
+            let first = a
+                .lines()
+                .zip(b.lines())
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            panic!(
+                "seed {seed}: two runs differ from line {first}; replay: {}\n--- first run:\n{a}\n--- second run:\n{b}",
+                replay_command(seed, &opts)
+            );
+        }
+    }
+}
+
+/// Each deliberate bug is caught: a recorded seed (found with `toma sim --seeds 200
+/// --mutate NAME`) replays to the violation the bug causes, and the same seed without the
+/// bug does not show it.
+#[test]
+fn each_mutation_is_caught_by_its_recorded_seed() {
+    for (m, seed, expect) in [
+        // A client on the old generation and one on the new both hold chunk 2's locks.
+        (Mutation::SkipDualLock, 164, "P5 exclusion"),
+        // A member back from DEAD keeps blocks it missed: a read returns an old version.
+        (Mutation::NoDirtyBits, 3, "P1 durability"),
+        // A read served by a W member still being rebuilt returns version 0.
+        (Mutation::ReadFromW, 6, "P1 durability"),
+        // The leader advances before every client acknowledged: a write is lost.
+        (Mutation::EarlyAdvance, 27, "P1 durability"),
+    ] {
+        let opts = Options {
+            mutation: Some(m),
+            ..Options::default()
+        };
+        let r = run(seed, &opts);
+        let v = r.violation.unwrap_or_default();
+        assert!(
+            v.starts_with(expect),
+            "{}: seed {seed} should fail with {expect}, got {v:?}; replay: {}",
+            m.name(),
             replay_command(seed, &opts)
+        );
+        let clean = run(seed, &Options::default());
+        let v = clean.violation.unwrap_or_default();
+        assert!(
+            !v.starts_with(expect),
+            "seed {seed} fails with {expect} without the mutation {} too: {v}",
+            m.name()
         );
     }
 }
 
-/// Not yet in `make test`: open bugs found by the simulation still fail some seeds . Run it with
-/// `cargo nextest run -p toma-sim --run-ignored all`.
+/// Not yet in `make test`: about 30% of seeds still fail (seeds 0..200 on 2026-11-26, after
+/// the livelock fix: 59 of 200), and each failure class is an open bug to fix, not to
+/// hide — workload operations that never complete after healing (e.g. seeds 2, 34), the
+/// volume not back in Normal within 120 s (seeds 2, 14, 101), flushes refused with
+/// StaleGeneration/Busy instead of retried on the new topology (seeds 30, 32, 65, 164),
+/// and P1 durability reads of an old version (seeds 44, 51, 64, 176, 225). Run it with
+/// `cargo nextest run -p toma-sim --run-ignored all` (release-like: 500 seeds in ~3.5 min
+/// on 2 threads).
 #[test]
-#[ignore = "open bugs found by the simulation still fail some seeds"]
+#[ignore = "open bugs found by the simulation still fail ~30% of seeds (see the comment)"]
 fn many_seeds_pass() {
     let count = std::env::var("TOMA_SIM_SEEDS")
         .ok()
