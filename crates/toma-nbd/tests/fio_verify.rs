@@ -64,6 +64,7 @@ async fn fio_verify_passes_while_an_agent_dies_and_the_volume_rebuilds() {
     let runs = Arc::new(AtomicU32::new(0));
     let fio = {
         let (stop, runs, uri) = (stop.clone(), runs.clone(), uri.clone());
+        let workdir = dir.path().to_path_buf();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let out = tokio::process::Command::new("fio")
@@ -79,8 +80,10 @@ async fn fio_verify_passes_while_an_agent_dies_and_the_volume_rebuilds() {
                         "--verify_fatal=1",
                         "--do_verify=1",
                         "--randrepeat=0",
+                        "--verify_state_save=0",
                     ])
                     .arg(format!("--uri={uri}"))
+                    .current_dir(&workdir)
                     .stdin(std::process::Stdio::null())
                     .output()
                     .await
