@@ -6,13 +6,27 @@ use std::process::Command;
 #[test]
 fn demo_kills_a_disk_rebuilds_and_verifies_every_block() {
     let out = Command::new(env!("CARGO_BIN_EXE_toma"))
-        .args(["demo", "--phase-secs", "1", "--size-mib", "32", "--iops", "1000"])
+        .args([
+            "demo",
+            "--phase-secs",
+            "1",
+            "--size-mib",
+            "32",
+            "--iops",
+            "1000",
+        ])
         .output()
         .expect("run toma demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    for phase in ["Degraded", "RebuildInit", "Rebuilding", "DualLock", "Normal"] {
+    for phase in [
+        "Degraded",
+        "RebuildInit",
+        "Rebuilding",
+        "DualLock",
+        "Normal",
+    ] {
         assert!(stdout.contains(phase), "phase {phase} not shown:\n{stdout}");
     }
     assert!(stdout.contains("errors               0"), "{stdout}");
