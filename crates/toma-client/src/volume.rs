@@ -291,24 +291,28 @@ impl VolumeClient {
 
     /// Makes every acknowledged write durable on every live member.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        let t = self.topology();
-        for m in t.alive() {
-            let disk = t.members[m].disk;
-            if let Ok(s) = self.inner.link(disk).await {
-                match s.call(t.generation, Message::Flush).await {
+        let mut backoff = Backoff::new();
+        'again: loop {
+            let (t, guard) = self.inner.begin_io();
+            for m in t.alive() {
+                match self.inner.call(&t, m, Message::Flush).await {
                     Ok(_) => {}
                     // A member that cannot be reached, or whose disk fails, is declared
                     // DEAD and rebuilt from the others.
-                    Err(CallError::Unreachable(_)) => {}
-                    Err(CallError::Refused {
-                        code: ErrorCode::Io,
-                        ..
-                    }) => {}
-                    Err(e) => return Err(ClientError::Member(m, e.to_string())),
+                    Err(Retry::Topology) => {}
+                    // A TOMA ahead of this client (StaleGeneration: the topology was just
+                    // refreshed) or behind it (Busy): flush again under the newest one.
+                    // Failing the flush here failed the simulation's seeds 30, 32, 65, 164.
+                    Err(Retry::Backoff) | Err(Retry::Fenced) => {
+                        drop(guard);
+                        backoff.wait().await;
+                        continue 'again;
+                    }
+                    Err(Retry::Fatal(e)) => return Err(e),
                 }
             }
+            return Ok(());
         }
-        Ok(())
     }
 
     /// Sends one request to member `member` under topology `t` (TOMA ↔ TOMA calls such as
