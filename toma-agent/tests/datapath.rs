@@ -115,10 +115,28 @@ async fn two_clients_never_interleave_on_one_chunk() {
     let b = client(&c, id).await;
     // Both hammer the same chunks with whole-chunk writes; the mirrors must end identical
     // and every read must see one whole write.
+    // Each runs at least 40 rounds, and goes on (up to 2000) until the two have met at a
+    // lock, so the check below does not depend on how the scheduler interleaved them.
+    let met = {
+        let (a, b) = (a.clone(), b.clone());
+        move || {
+            a.stats()
+                .lock_retries
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + b.stats()
+                    .lock_retries
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        }
+    };
     let mut tasks = Vec::new();
     for (k, cl) in [a.clone(), b.clone()].into_iter().enumerate() {
+        let met = met.clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..40u64 {
+            for i in 0..2000u64 {
+                if i >= 40 && met() {
+                    break;
+                }
                 let u = i % 4;
                 cl.write(u * CHUNK, block(u, 100 * k as u64 + i))
                     .await
