@@ -140,10 +140,6 @@ fn random_id() -> ClientId {
     u128::from_le_bytes(b)
 }
 
-fn mask(members: &[MemberIdx]) -> u16 {
-    members.iter().fold(0u16, |m, &i| m | (1u16 << i))
-}
-
 impl VolumeClient {
     /// Attaches to a volume: reads its record from the control plane, records the attachment,
     /// and registers on every live member.
@@ -820,7 +816,7 @@ impl Inner {
         d: &DirtyMarks,
         set: bool,
     ) -> Result<(), Retry> {
-        let targets = mask(&d.targets);
+        let targets = d.target_mask();
         let results = join_all(d.holders.iter().map(|&h| {
             let msg = if set {
                 Message::SetDirty { unit, targets }

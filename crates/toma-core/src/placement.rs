@@ -85,6 +85,22 @@ pub struct DirtyMarks {
     pub targets: Vec<MemberIdx>,
 }
 
+impl DirtyMarks {
+    /// The targets as a member bitmask (bit i = member i), as the wire carries them.
+    pub fn target_mask(&self) -> u16 {
+        self.targets
+            .iter()
+            .filter(|&&i| i < 16)
+            .fold(0u16, |m, &i| m | (1u16 << i))
+    }
+}
+
+/// The member whose TOMA runs a Rebuilding topology's rebuild cycle: the lowest-index RWL
+/// member (it holds the dirty bits and reads the source data from its own disk).
+pub fn rebuilder(t: &Topology) -> Option<MemberIdx> {
+    t.members_with(Role::Rwl).next()
+}
+
 /// Dirty bits a write of `unit` must set *before* it is acknowledged: when some member is
 /// DEAD, the write misses it, so its bit goes on in every RWL member's TOMA.
 pub fn sets_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
@@ -263,6 +279,8 @@ mod tests {
         assert_eq!(write_members(&t, 0), vec![0, 1]);
         assert_eq!(sets_dirty(&t, 0), None);
         assert_eq!(clears_dirty(&t, 0).unwrap().targets, vec![1]);
+        assert_eq!(clears_dirty(&t, 0).unwrap().target_mask(), 0b10);
+        assert_eq!(rebuilder(&t), Some(0));
         assert!(clears_dirty_after(&t, 0, 0, 65536, 65536).is_some());
         // A 4 KiB write of a dirty 64 KiB chunk must leave its bit set.
         assert_eq!(clears_dirty_after(&t, 0, 4096, 4096, 65536), None);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use toma_core::placement::{locks, read_member, sets_dirty, write_members};
-use toma_wire::{Message, MAX_MEMBERS};
+use toma_wire::Message;
 use tracing::{info, warn};
 
 use super::member::Member;
@@ -132,8 +132,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                 .collect();
             let mut ok = true;
             if let Some(d) = sets_dirty(&t, unit) {
-                let targets =
-                    d.targets.iter().fold(0u16, |a, &i| a | (1 << i)) & ((1 << MAX_MEMBERS) - 1);
+                let targets = d.target_mask();
                 for h in d.holders {
                     if local
                         .request(&t, h, Message::SetDirty { unit, targets })

@@ -23,7 +23,7 @@ pub(super) fn maybe_start(agent: Arc<AgentInner>, m: Arc<Member>) {
         return;
     }
     let me = m.idx();
-    if t.members_with(Role::Rwl).next() != Some(me) {
+    if toma_core::placement::rebuilder(&t) != Some(me) {
         return;
     }
     {
