@@ -151,6 +151,24 @@ async fn node_silence_degrades_and_return_rebuilds_to_normal() {
 }
 
 #[tokio::test]
+async fn a_gap_in_the_leaders_own_observation_is_not_silence() {
+    let (cp, clock, mut leader, id) = setup().await;
+    assert!(leader.tick().await.unwrap().is_empty());
+    // The leader could not read anything for a minute (API server down, or it was paused):
+    // the nodes' unchanged heartbeats on its next read do not make them dead.
+    clock.advance(Duration::from_secs(60));
+    assert!(leader.tick().await.unwrap().is_empty(), "nodes judged dead");
+    assert_eq!(phase(&cp, id).await, (Phase::Normal, 1));
+    // Silence it does observe still counts: b stops beating, a and c go on.
+    for beat in 2..5 {
+        clock.advance(Duration::from_secs(2));
+        heartbeat(&cp, &["a", "c"], beat).await;
+        leader.tick().await.unwrap();
+    }
+    assert_eq!(phase(&cp, id).await, (Phase::Degraded, 2));
+}
+
+#[tokio::test]
 async fn dead_member_is_replaced_by_a_new_disk_after_the_grace_period() {
     let (cp, clock, mut leader, id) = setup().await;
     leader.tick().await.unwrap();
