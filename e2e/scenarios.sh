@@ -25,9 +25,13 @@ scenarios=${*:-a b c d e f}
 export TOMA_E2E_BIN=${TOMA_E2E_BIN:-$("$here/tools/build.sh" kube etcd)}
 target=${CARGO_TARGET_DIR:-$REPO/target}
 (cd "$REPO" && cargo build -q -p toma-agent -p toma-operator -p toma-cli) || die "cargo build failed"
-BIN=$target/debug
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/toma-e2e-scenarios.XXXXXX")
+# Our own copies: a shared target directory may be rebuilt from another tree meanwhile.
+BIN=$work/bin
+mkdir -p "$BIN"
+cp "$target/debug/toma-agent" "$target/debug/toma-operator" "$target/debug/toma" "$BIN/"
+"$BIN/toma" io --help >/dev/null 2>&1 || die "$target/debug/toma has no 'io' (rebuilt from another tree?)"
 results=$work/results
 failed=0
 finish() {
@@ -93,18 +97,19 @@ run_scenario() {
 }
 
 # A new volume under a workload in namespace WL: start, wait for Normal.
-start_io() { # WL VOLUME [ARGS...]
-  local wl=$1 vol=$2; shift 2
-  workload_start "$wl" "$vol" --create --mirrors 2 --size-mib 32 --iops 400 --workers 4 "$@"
+start_io() { # WL VOLUME IOPS [ARGS...]
+  local wl=$1 vol=$2 iops=$3; shift 3
+  workload_start "$wl" "$vol" --create --mirrors 2 --size-mib 32 --iops "$iops" --workers 4 "$@"
   eventually $T phase_is "$vol" Normal || die "$vol not Normal"
 }
 
 io_for_a_while() { sleep 2; } # more verified I/O after Normal (workload time, not a wait)
 
 scenario_a() {
-  start_io wa va
+  start_io wa va 400
   k get tomatopologies va -w --output-watch-events=false >"$WORK/logs/watch-va.txt" 2>&1 &
   echo $! >"$WORK/pids/watch-va"
+  disown $!
   local g node
   g=$(gen va); node=$(member_node va 1)
   signal_proc io-wa USR1
@@ -122,7 +127,7 @@ scenario_a() {
 }
 
 scenario_b() {
-  start_io wb vb --iops 800
+  start_io wb vb 800
   local g node lead
   g=$(gen vb); node=$(member_node vb 1)
   kill9 "agent-$node"
@@ -142,7 +147,7 @@ scenario_b() {
 }
 
 scenario_c() {
-  start_io wc vc
+  start_io wc vc 400
   local g src dst disk path
   g=$(gen vc); src=$(member_node vc 1); disk=$(member_disk vc 1)
   for dst in n1 n2 n3 n4 n5; do
@@ -166,7 +171,7 @@ scenario_c() {
 }
 
 scenario_d() {
-  start_io wd vd
+  start_io wd vd 400
   local g node ip ns
   g=$(gen vd); node=$(member_node vd 1); ip=$(cat "$WORK/disks/$node.ip"); ns=$(ns_of wd)
   signal_proc io-wd USR1
@@ -180,9 +185,11 @@ scenario_d() {
 }
 
 scenario_e() {
-  # Two clients share chunks 0..3 (blocks 0..63): the victim holds their locks when killed.
-  start_io we ve --first-block 32 --blocks 2016
-  workload_start we2 ve --first-block 0 --blocks 48 --iops 800 --no-verify
+  # Two clients share chunk 2 (blocks 32..47; a chunk is 16 blocks, one lock): the victim
+  # writes blocks 0..39, the verified workload blocks 40..2047. The victim is killed while
+  # it holds locks; the main workload's writes in chunk 2 wait until the agents fence it.
+  start_io we ve 400 --first-block 40 --blocks 2008
+  workload_start we2 ve --first-block 0 --blocks 40 --iops 2000 --workers 8 --no-verify
   sleep 1
   signal_proc io-we USR1
   kill9 io-we2
@@ -193,14 +200,14 @@ scenario_e() {
 }
 
 scenario_f() {
-  start_io wf vf
+  start_io wf vf 400
   local g node
   g=$(gen vf); node=$(member_node vf 1)
   signal_proc io-wf USR1
   kill9 "agent-$node"
   eventually $T phase_is vf Degraded
   log "(f) degraded; restarting etcd, kube-apiserver and kube-controller-manager"
-  "$CP_SH" restart "$WORK/cp" >>"$WORK/logs/control-plane.log" 2>&1
+  STOP_TIMEOUT=5 "$CP_SH" restart "$WORK/cp" >>"$WORK/logs/control-plane.log" 2>&1
   agent_start "$node"
   eventually $T normal_after vf "$g"
   io_for_a_while

@@ -108,6 +108,7 @@ agent_start() {
     --tick-ms 300 --ack-timeout-ms 3000 --reconnect-grace-ms 3000 --restart-grace-ms 3000 \
     --api-timeout-ms 4000 </dev/null >>"$WORK/logs/agent-$name.log" 2>&1 &
   echo $! >"$WORK/pids/agent-$name"
+  disown $!
 }
 
 pid_of() { cat "$WORK/pids/$1" 2>/dev/null; }
@@ -131,6 +132,7 @@ operator_start() { # NAME
     --metrics-addr 127.0.0.1:0 --lease-duration 6 --interval 1 --node-timeout 4 \
     --readmit-after 5 </dev/null >>"$WORK/logs/$name.log" 2>&1 &
   echo $! >"$WORK/pids/$name"
+  disown $!
 }
 
 leader() { k -n toma-system get lease toma-operator-leader -o jsonpath='{.spec.holderIdentity}' 2>/dev/null; }
@@ -152,6 +154,7 @@ workload_start() {
   setsid ip netns exec "$(ns_of "$name")" "$BIN/toma" io --kubeconfig "$WORK/node.kubeconfig" \
     --volume "$vol" --node "$name" "$@" </dev/null >>"$WORK/logs/io-$name.log" 2>&1 &
   echo $! >"$WORK/pids/io-$name"
+  disown $!
   eventually 120 grep -q 'running:' "$WORK/logs/io-$name.log" \
     || { cat "$WORK/logs/io-$name.log" >&2; die "workload $name did not start"; }
 }

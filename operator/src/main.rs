@@ -51,7 +51,6 @@ struct Args {
     replace_after: u64,
 }
 
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

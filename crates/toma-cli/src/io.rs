@@ -140,12 +140,7 @@ async fn main(args: IoArgs) -> Result<()> {
     // Wait until every member's agent hosts the volume (it reported a synced generation).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let t = cp
-            .volume(id)
-            .await
-            .ok()
-            .flatten()
-            .map(|v| v.value.topology);
+        let t = cp.volume(id).await.ok().flatten().map(|v| v.value.topology);
         let st = cp.member_statuses(id).await.unwrap_or_default();
         if let Some(t) = &t {
             let hosted = t.alive().into_iter().all(|m| {
@@ -157,7 +152,10 @@ async fn main(args: IoArgs) -> Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("volume {}: its members' agents did not report within 120 s", args.volume);
+            bail!(
+                "volume {}: its members' agents did not report within 120 s",
+                args.volume
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -251,7 +249,10 @@ async fn main(args: IoArgs) -> Result<()> {
     let mut bad = Vec::new();
     let mut mirrors = 0;
     if !args.no_verify {
-        println!("[{:7.2}s] verifying every block through the client and on every mirror", clock.t());
+        println!(
+            "[{:7.2}s] verifying every block through the client and on every mirror",
+            clock.t()
+        );
         mirrors = verify(&client, &work, vol_blocks, &mut bad).await;
     }
 
@@ -299,7 +300,8 @@ async fn main(args: IoArgs) -> Result<()> {
         }
     };
     let errors = work.errors.lock().clone();
-    let secs = |d: Option<Duration>| d.map_or("n/a".to_string(), |d| format!("{:.2}", d.as_secs_f64()));
+    let secs =
+        |d: Option<Duration>| d.map_or("n/a".to_string(), |d| format!("{:.2}", d.as_secs_f64()));
     println!();
     println!("summary");
     println!(
@@ -316,10 +318,7 @@ async fn main(args: IoArgs) -> Result<()> {
     );
     println!("  longest-stall-ms     {:.1}", longest.as_secs_f64() * 1e3);
     println!("  longest-quiet-ms     {:.1}", quiet.as_secs_f64() * 1e3);
-    println!(
-        "  fault-at-s           {}",
-        secs(fault)
-    );
+    println!("  fault-at-s           {}", secs(fault));
     println!("  fault-to-degraded-s  {}", secs(to_degraded));
     println!("  fault-to-normal-s    {}", secs(to_normal));
     if !args.no_verify {
@@ -439,11 +438,20 @@ async fn verify(
     }
     let t = client.topology();
     if t.phase() != Phase::Normal {
-        bad.push(format!("the volume is {} at the end, not Normal", t.phase().as_str()));
+        bad.push(format!(
+            "the volume is {} at the end, not Normal",
+            t.phase().as_str()
+        ));
     }
-    let members: Vec<usize> = (0..t.n()).filter(|m| t.members[*m].role == Role::Rwl).collect();
+    let members: Vec<usize> = (0..t.n())
+        .filter(|m| t.members[*m].role == Role::Rwl)
+        .collect();
     if members.len() != t.n() {
-        bad.push(format!("only {} of {} members readable", members.len(), t.n()));
+        bad.push(format!(
+            "only {} of {} members readable",
+            members.len(),
+            t.n()
+        ));
     }
     for first in (0..vol_blocks).step_by(per as usize) {
         let n = per.min(vol_blocks - first);
