@@ -186,15 +186,20 @@ scenario_d() {
 
 scenario_e() {
   # Two clients share chunk 2 (blocks 32..47; a chunk is 16 blocks, one lock): the victim
-  # writes blocks 0..39, the verified workload blocks 40..2047. The victim is killed while
+  # writes blocks 0..39, the verified workload blocks 40..103. The victim is killed while
   # it holds locks; the main workload's writes in chunk 2 wait until the agents fence it.
-  start_io we ve 400 --first-block 40 --blocks 2008
+  start_io we ve 400 --first-block 40 --blocks 64
   workload_start we2 ve --first-block 0 --blocks 40 --iops 2000 --workers 8 --no-verify
   sleep 1
   signal_proc io-we USR1
   kill9 io-we2
   log "(e) killed client we2"
-  io_for_a_while
+  # Its agents fence it once it has not come back for the reconnect grace, and recover the
+  # chunks it held locked.
+  eventually $T sh -c "cat $WORK/logs/agent-*.log | grep -q 'recovering stale locks.*volume=ve'" \
+    || die "no agent recovered the killed client's locks"
+  grep -h 'volume=ve' "$WORK"/logs/agent-*.log | grep -E 'fencing client|recovering stale locks' \
+    | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 >&2
   io_for_a_while
   phase_is ve Normal
 }
