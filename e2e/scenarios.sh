@@ -186,20 +186,21 @@ scenario_d() {
 
 scenario_e() {
   # Two clients share chunk 2 (blocks 32..47; a chunk is 16 blocks, one lock): the victim
-  # writes blocks 0..39, the verified workload blocks 40..103. The victim is killed while
-  # it holds locks; the main workload's writes in chunk 2 wait until the agents fence it.
-  start_io we ve 400 --first-block 40 --blocks 64
-  workload_start we2 ve --first-block 0 --blocks 40 --iops 2000 --workers 8 --no-verify
+  # writes blocks 32..39, the verified workload blocks 40..63. The victim is killed while
+  # it holds chunk 2's lock; the main workload's writes there wait until the agents fence it
+  # (its final check also finds every mirror identical in the victim's blocks).
+  start_io we ve 400 --first-block 40 --blocks 24
+  workload_start we2 ve --first-block 32 --blocks 8 --iops 2000 --workers 8 --no-verify
   sleep 1
   signal_proc io-we USR1
   kill9 io-we2
   log "(e) killed client we2"
   # Its agents fence it once it has not come back for the reconnect grace, and recover the
   # chunks it held locked.
-  eventually $T sh -c "cat $WORK/logs/agent-*.log | grep -q 'recovering stale locks.*volume=ve'" \
+  eventually $T sh -c "sed 's/\x1b\[[0-9;]*m//g' $WORK/logs/agent-*.log | grep -q 'recovering stale locks volume=ve'" \
     || die "no agent recovered the killed client's locks"
-  grep -h 'volume=ve' "$WORK"/logs/agent-*.log | grep -E 'fencing client|recovering stale locks' \
-    | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 >&2
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK"/logs/agent-*.log | grep -E '(fencing client|recovering stale locks) volume=ve' \
+    | cut -c1-200 >&2
   io_for_a_while
   phase_is ve Normal
 }

@@ -15,6 +15,7 @@
 # so several runs (or other tests) can share the machine.
 # shellcheck shell=bash
 
+export NO_COLOR=1 # plain logs from toma-agent and toma-operator (grepped below)
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO=$(cd "$E2E_DIR/.." && pwd)
 CP_SH=$E2E_DIR/harness/control-plane.sh

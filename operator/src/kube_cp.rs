@@ -722,8 +722,19 @@ impl ControlPlane for KubeControlPlane {
         let obj = self.topology_of(status.volume).await?;
         let (disk, report) = MemberReportStatus::from_core(&status);
         let mut patch = json!({ "members": { disk: report } });
-        if let Some(r) = status.rebuild {
-            patch["rebuildPercent"] = json!(if r.finished { 100 } else { r.percent() });
+        // Only the progress of the rebuild under the current generation is shown (a report
+        // of an older cycle would show 100 % before the new one starts).
+        if let Some(r) = status
+            .rebuild
+            .filter(|r| r.generation == obj.spec.generation)
+        {
+            let pct = match (r.finished, r.total_units) {
+                (true, _) => 100,
+                // Not counted yet: nothing done (`percent()` calls an empty rebuild done).
+                (false, 0) => 0,
+                _ => r.percent().min(99),
+            };
+            patch["rebuildPercent"] = json!(pct);
         }
         self.patch_topology_status(&obj.name_any(), patch).await
     }
