@@ -9,6 +9,8 @@
 # (a) kill -9 a disk's agent                  (b) kill -9 the leader operator during a rebuild
 # (c) move a disk to another node             (d) one-way link loss client -> disk
 # (e) kill -9 a client that holds locks       (f) restart etcd + kube-apiserver while degraded
+# (g) SIGSTOP the leader operator: the standby takes the Lease; the resumed one steps down and
+#     writes nothing
 #
 # Per scenario it reports the longest I/O stall and fault -> Degraded / fault -> Normal,
 # measured by the workload on its own clock. Needs root (namespaces, iptables, loop devices).
@@ -20,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/harness/cluster.sh"
 
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, iptables, loop devices)"
-scenarios=${*:-a b c d e f}
+scenarios=${*:-a b c d e f g}
 
 export TOMA_E2E_BIN=${TOMA_E2E_BIN:-$("$here/tools/build.sh" kube etcd)}
 target=${CARGO_TARGET_DIR:-$REPO/target}
@@ -219,6 +221,39 @@ scenario_f() {
   io_for_a_while
 }
 
+scenario_g() {
+  start_io wg vg 400
+  local g node lead standby epoch resumed
+  g=$(gen vg); node=$(member_node vg 1); lead=$(leader)
+  if [ "$lead" = op-1 ]; then standby=op-2; else standby=op-1; fi
+  signal_proc "$lead" STOP
+  log "(g) paused the leader $lead (SIGSTOP)"
+  eventually $T sh -c "[ \"\$(\"$TOMA_E2E_BIN/kubectl\" --kubeconfig=$WORK/kubeconfig -n toma-system get lease toma-operator-leader -o jsonpath='{.spec.holderIdentity}')\" = $standby ]" \
+    || die "the standby $standby did not take the Lease"
+  epoch=$(k -n toma-system get lease toma-operator-leader -o jsonpath='{.spec.leaseTransitions}')
+  log "(g) $standby holds the Lease (transitions $epoch); killing agent $node while $lead is paused"
+  signal_proc io-wg USR1
+  kill9 "agent-$node"
+  eventually $T phase_is vg Degraded
+  resumed=$(date -u +%Y-%m-%dT%H:%M:%S)
+  signal_proc "$lead" CONT
+  log "(g) resumed $lead"
+  eventually $T grep -q "lost the Lease" "$WORK/logs/$lead.log" || die "$lead never noticed it lost the Lease"
+  agent_start "$node"
+  eventually $T normal_after vg "$g"
+  io_for_a_while
+  # Every topology carries the successor's epoch, and nothing the resumed leader tried to
+  # write after it woke up went through.
+  local epochs
+  epochs=$(k get tomatopologies -o jsonpath='{range .items[*]}{.spec.leaderEpoch}{"\n"}{end}' | sort -u)
+  [ "$epochs" = "$epoch" ] || die "leaderEpoch of the topologies: $epochs, want $epoch"
+  if awk -v t="$resumed" '$1 >= t' "$WORK/logs/$lead.log" | grep -q "topology change"; then
+    die "the deposed leader $lead changed a topology after it resumed"
+  fi
+  awk -v t="$resumed" '$1 >= t' "$WORK/logs/$lead.log" \
+    | grep -E "lost the Lease|Deposed|deposed|conflict|stepping down" | cut -c1-220 >&2 || true
+}
+
 for s in $scenarios; do
   case $s in
     a) run_scenario a "kill a disk's agent" wa scenario_a ;;
@@ -227,6 +262,7 @@ for s in $scenarios; do
     d) run_scenario d "one-way link loss client -> disk" wd scenario_d ;;
     e) run_scenario e "kill a client that holds locks" we scenario_e ;;
     f) run_scenario f "restart etcd + apiserver while degraded" wf scenario_f ;;
-    *) die "unknown scenario $s (a-f)" ;;
+    g) run_scenario g "SIGSTOP the leader; standby takes over" wg scenario_g ;;
+    *) die "unknown scenario $s (a-g)" ;;
   esac
 done
