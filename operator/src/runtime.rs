@@ -9,13 +9,16 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use toma_control::{Leader, LeaderConfig, MonotonicClock, Transition};
+use toma_control::{Bounded, Leader, LeaderConfig, MonotonicClock, Transition};
 use tracing::{info, warn};
 
 use crate::events::{spawn_publisher, transition_notice};
 use crate::http::Health;
 use crate::kube_cp::{KubeConfig, KubeControlPlane, Notice};
 use crate::metrics::Metrics;
+
+/// The longest a leader's control plane call may take before the pass gives up on it.
+const LEADER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -127,6 +130,9 @@ fn start_leader(
             let _ = notices.send(transition_notice(t));
         }
     });
+    // Every call bounded: a pass stuck on an apiserver that stopped answering would keep the
+    // leader from ever noticing anything again.
+    let cp = Bounded::new(cp, LEADER_CALL_TIMEOUT);
     let leader =
         Leader::new(cp, Arc::new(MonotonicClock::default()), cfg).with_transition_hook(hook);
     let interval = settings.interval;

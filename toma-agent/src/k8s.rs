@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use toma_control::{Clock, ControlPlane, MonotonicClock};
+use toma_control::{Bounded, Clock, ControlPlane, MonotonicClock};
 use toma_operator::{KubeConfig, KubeControlPlane, Metrics, Watches};
 use toma_wire::transport::{TcpTransport, Transport};
 use tracing::info;
 
-use crate::bounded::Bounded;
 use crate::cli::ServeArgs;
 use crate::disks::Disks;
 use crate::server::{Agent, AgentConfig, AgentHandle};

@@ -14,7 +14,6 @@
 //! `align_offset`, `O_DIRECT` is an `OpenOptions` flag and `flock` comes from `rustix`.
 #![forbid(unsafe_code)]
 
-pub mod bounded;
 pub mod cli;
 pub mod device;
 pub mod disk;

@@ -4,12 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bounded;
 pub mod clock;
 pub mod embedded;
 pub mod leader;
 pub mod records;
 
 pub use api::{ControlPlane, CpError, CpResult};
+pub use bounded::Bounded;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use embedded::EmbeddedControlPlane;
 pub use leader::{Leader, LeaderConfig, Transition, TransitionHook};

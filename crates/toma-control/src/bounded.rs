@@ -2,20 +2,21 @@
 //! process's monotonic clock) with `CpError::Unavailable`.
 //!
 //! A remote control plane (the Kubernetes API) that stops answering — its process paused,
-//! a link dropping packets — must not hold the agent's reconcile loop or a client's
-//! reconnection hostage: the agent keeps serving I/O on the topologies it has and tries
-//! again on its next tick.
+//! a link dropping packets — must not hold the agent's reconcile loop, a client's
+//! reconnection or the leader's pass hostage: the agent keeps serving I/O on the topologies
+//! it has and tries again on its next tick; the leader's next pass starts over.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::{ControlPlane, CpError, CpResult};
+use crate::records::{
+    Attachment, DiskRecord, Epoch, MemberStatus, NodeRecord, Unreachable, Version, Versioned,
+    VolumeRecord,
+};
 use async_trait::async_trait;
 use tokio::sync::watch;
-use toma_control::{
-    Attachment, ControlPlane, CpError, CpResult, DiskRecord, Epoch, MemberStatus, NodeRecord,
-    Unreachable, Version, Versioned, VolumeRecord,
-};
 use toma_core::{DiskId, Topology, VolumeId};
 
 pub struct Bounded {
