@@ -180,10 +180,15 @@ summary_field() { awk -v k="$2" '$1 == k { print $2 }' "$WORK/logs/io-$1.log"; }
 cluster_down() {
   local f p
   [ -n "${WORK:-}" ] || return 0
+  # Best effort all the way: a process already gone must not stop the rest of the cleanup.
+  set +e
   for f in "$WORK"/pids/*; do
     [ -f "$f" ] || continue
     p=$(cat "$f")
-    [ -n "$p" ] && kill -CONT "$p" 2>/dev/null; [ -n "$p" ] && kill -KILL "$p" 2>/dev/null
+    if [ -n "$p" ]; then
+      kill -CONT "$p" 2>/dev/null
+      kill -KILL "$p" 2>/dev/null
+    fi
     rm -f "$f"
   done
   # Processes started in our namespaces (nothing else may run there).
@@ -202,4 +207,5 @@ cluster_down() {
       for _ in 1 2 3 4 5; do losetup -d "$d" 2>/dev/null && break; sleep 0.5; done
     done <"$WORK/loops"
   fi
+  return 0
 }
