@@ -12,6 +12,7 @@ use crate::DRIVER_NAME;
 pub type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 pub struct IdentityService {
+    /// Which mode this process serves (for logs).
     pub controller: bool,
     pub ready: Readiness,
 }
@@ -39,10 +40,12 @@ impl Identity for IdentityService {
                 v1::plugin_capability::Service { r#type: t as i32 },
             )),
         };
-        let mut caps = vec![svc(Type::VolumeAccessibilityConstraints)];
-        if self.controller {
-            caps.push(svc(Type::ControllerService));
-        }
+        // The plugin as a whole (one binary in two modes) provides the Controller service,
+        // so both modes say so: COs and csi-sanity ask the node endpoint too.
+        let caps = vec![
+            svc(Type::ControllerService),
+            svc(Type::VolumeAccessibilityConstraints),
+        ];
         Ok(Response::new(v1::GetPluginCapabilitiesResponse {
             capabilities: caps,
         }))

@@ -133,8 +133,9 @@ pub fn fs_type(dev: &Path) -> Result<Option<String>, String> {
     }
 }
 
-/// Makes a file system of type `fs` (ext4 or xfs) on `dev`, without discarding (the
-/// volume's unwritten blocks already read as zeros).
+/// Makes a file system of type `fs` (ext4 or xfs) on `dev`, without discarding. Inode
+/// tables and the journal are written in full: a new volume's blocks are not zeroed (they
+/// may hold an earlier volume's bytes), so nothing may rely on them reading as zeros.
 pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
     let d = dev.to_string_lossy();
     match fs {

@@ -25,6 +25,9 @@ use crate::datapath::FILE_NAME;
 use crate::mounts;
 use crate::{cp_status, topology_segment};
 
+/// Annotation on a `TomaVolume`: the file system its first NodeStage made.
+pub const FS_ANNOTATION: &str = "toma.io/filesystem";
+
 /// How long NodeStage waits for a datapath process to export its volume.
 pub const DATAPATH_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long NodeUnstage waits for a datapath process to flush, detach and exit.
@@ -43,6 +46,8 @@ pub struct Staged {
 
 pub struct NodeService {
     pub cp: Arc<dyn ControlPlane>,
+    /// For the `toma.io/filesystem` annotation on `TomaVolume`s.
+    pub client: kube::Client,
     pub node_id: String,
     pub cluster: String,
     pub state_dir: PathBuf,
@@ -100,6 +105,7 @@ impl NodeService {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cp: Arc<dyn ControlPlane>,
+        client: kube::Client,
         node_id: String,
         cluster: String,
         state_dir: PathBuf,
@@ -110,6 +116,7 @@ impl NodeService {
     ) -> NodeService {
         NodeService {
             cp,
+            client,
             node_id,
             cluster,
             state_dir,
@@ -299,13 +306,18 @@ impl NodeService {
         clean
     }
 
+    /// Stages volume `id`. `formatted`: the file system its first stage made (the
+    /// `toma.io/filesystem` annotation), `None` if it never had one: then a file system is
+    /// made whatever the device holds (a new volume's extents are not zeroed: they may hold
+    /// an earlier volume's bytes), and the caller records it.
     fn stage(
         &self,
         id: VolumeId,
         staging: &Path,
         cap: &v1::VolumeCapability,
         ctx: &HashMap<String, String>,
-    ) -> Result<(), Status> {
+        formatted: Option<&str>,
+    ) -> Result<Option<String>, Status> {
         let block = is_block(cap);
         let fs = match &cap.access_type {
             Some(v1::volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => {
@@ -335,15 +347,27 @@ impl NodeService {
             let _ = self.unstage_state(id, &st);
             Status::internal(why)
         };
-        if let Some(fs) = fs {
-            let have = mounts::fs_type(&dev).map_err(undo)?;
-            match have {
-                None => mounts::mkfs(&fs, &dev).map_err(|e| undo(e))?,
-                Some(h) if h == fs => {}
-                Some(h) => {
+        let mut made = None;
+        if let Some(fs) = fs.clone() {
+            match formatted {
+                None => {
+                    mounts::mkfs(&fs, &dev).map_err(undo)?;
+                    made = Some(fs.clone());
+                }
+                Some(f) if f == fs => {
+                    let have = mounts::fs_type(&dev).map_err(undo)?;
+                    if have.as_deref() != Some(f) {
+                        let _ = self.unstage_state(id, &st);
+                        return Err(Status::data_loss(format!(
+                            "volume {id} was formatted {f}, but its device now shows {}; not mounting it (nothing was changed)",
+                            have.as_deref().unwrap_or("no file system")
+                        )));
+                    }
+                }
+                Some(f) => {
                     let _ = self.unstage_state(id, &st);
                     return Err(Status::failed_precondition(format!(
-                        "volume {id} holds a {h} file system; asked to mount it as {fs} (nothing was changed)"
+                        "volume {id} holds a {f} file system; asked to mount it as {fs} (nothing was changed)"
                     )));
                 }
             }
@@ -362,7 +386,7 @@ impl NodeService {
             mounts::run("mount", &a).map_err(undo)?;
         }
         info!(volume = %id, staging = %staging.display(), dev = %dev.display(), pid, block, "volume staged");
-        Ok(())
+        Ok(made)
     }
 
     /// Undoes a stage: unmount, loop device, datapath, state. `Err` names what was left.
@@ -457,7 +481,47 @@ impl Node for NodeService {
                 rec.value.spec.layout
             )));
         }
-        tokio::task::block_in_place(|| self.stage(id, &staging, &cap, &req.volume_context))?;
+        let vols: kube::Api<toma_crds::TomaVolume> = kube::Api::all(self.client.clone());
+        let obj = vols
+            .get(&rec.value.name)
+            .await
+            .map_err(|e| Status::unavailable(format!("TomaVolume {}: {e}", rec.value.name)))?;
+        let formatted = obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FS_ANNOTATION))
+            .cloned();
+        let made = tokio::task::block_in_place(|| {
+            self.stage(
+                id,
+                &staging,
+                &cap,
+                &req.volume_context,
+                formatted.as_deref(),
+            )
+        })?;
+        if let Some(fs) = made {
+            let patch = serde_json::json!({"metadata": {"annotations": {FS_ANNOTATION: fs}}});
+            if let Err(e) = vols
+                .patch(
+                    &rec.value.name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(patch),
+                )
+                .await
+            {
+                // Without the record a later stage would format it again: undo this one.
+                let st = self.load(id);
+                if let Some(st) = st {
+                    let _ = tokio::task::block_in_place(|| self.unstage_state(id, &st));
+                }
+                return Err(Status::unavailable(format!(
+                    "TomaVolume {}: recording its file system: {e}",
+                    rec.value.name
+                )));
+            }
+        }
         ok(v1::NodeStageVolumeResponse {})
     }
 

@@ -74,7 +74,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let client = crate::kube::client(args.kubeconfig.as_deref()).await?;
     let kcp = crate::kube::control_plane(
-        client,
+        client.clone(),
         &args.namespace,
         match mode {
             Mode::Controller => "toma-csi-controller",
@@ -124,6 +124,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let exe = std::env::current_exe().context("locating this binary")?;
             let node = Arc::new(NodeService::new(
                 cp,
+                client.clone(),
                 node_id.clone(),
                 args.cluster_name.clone(),
                 args.state_dir.clone(),

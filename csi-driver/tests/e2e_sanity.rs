@@ -16,9 +16,18 @@ fn run_sanity(env: &Env, access: &str, ctrl: &std::path::Path, node: &std::path:
     std::fs::write(&params, "raid: raid1\nmirrors: \"2\"\nchunkSize: 64Ki\n").expect("params");
     let out = Command::new(env.bin.join("csi-sanity"))
         .arg(format!("--csi.endpoint=unix://{}", node.display()))
-        .arg(format!("--csi.controllerendpoint=unix://{}", ctrl.display()))
-        .arg(format!("--csi.stagingdir={}", root.join(format!("staging-{access}")).display()))
-        .arg(format!("--csi.mountdir={}", root.join(format!("mount-{access}")).display()))
+        .arg(format!(
+            "--csi.controllerendpoint=unix://{}",
+            ctrl.display()
+        ))
+        .arg(format!(
+            "--csi.stagingdir={}",
+            root.join(format!("staging-{access}")).display()
+        ))
+        .arg(format!(
+            "--csi.mountdir={}",
+            root.join(format!("mount-{access}")).display()
+        ))
         .arg(format!("--csi.testvolumesize={}", 64 << 20))
         .arg(format!("--csi.testvolumeparameters={}", params.display()))
         .arg(format!("--csi.testvolumeaccesstype={access}"))
@@ -96,14 +105,23 @@ async fn csi_sanity_mount_and_block() {
     // of a running agent, no datapath process, mount or loop device.
     let (ok, out) = env.kubectl(&["get", "tomavolumes", "-o", "name"], None);
     assert!(ok && out.trim().is_empty(), "volumes left: {out}");
-    support::eventually("no datapath process left", Duration::from_secs(30), || async {
-        support::procs_under(env.path()).iter().all(|p| {
-            !std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("datapath"))
-                .unwrap_or(false)
-        })
-        .then_some(())
-    })
+    support::eventually(
+        "no datapath process left",
+        Duration::from_secs(30),
+        || async {
+            support::procs_under(env.path())
+                .iter()
+                .all(|p| {
+                    !std::fs::read(format!("/proc/{p}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains("datapath"))
+                        .unwrap_or(false)
+                })
+                .then_some(())
+        },
+    )
     .await;
-    assert!(support::loops_under(env.path()).is_empty(), "loop devices left");
+    assert!(
+        support::loops_under(env.path()).is_empty(),
+        "loop devices left"
+    );
 }

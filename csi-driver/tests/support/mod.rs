@@ -62,7 +62,12 @@ pub fn tools(need: &[&str]) -> Option<PathBuf> {
 /// The tools dir if this test can run here; `None` (after saying why) if it cannot and is
 /// not required to.
 pub fn precheck(extra: &[&str]) -> Option<PathBuf> {
-    let mut need = vec!["etcd", "kube-apiserver", "kube-controller-manager", "kubectl"];
+    let mut need = vec![
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+    ];
     need.extend_from_slice(extra);
     let why = if !rustix::process::geteuid().is_root() {
         Some("not root (mounts, loop devices and FUSE need it)".to_string())
@@ -124,7 +129,12 @@ pub struct Env {
     cp_started: bool,
 }
 
-pub fn kubectl_in(bin: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+pub fn kubectl_in(
+    bin: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String) {
     use std::io::Write;
     let mut child = Command::new(bin.join("kubectl"))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -177,7 +187,10 @@ impl Env {
                 .arg("stop")
                 .arg(dir.path())
                 .status();
-            panic!("control-plane.sh start failed; logs in {}", dir.path().display());
+            panic!(
+                "control-plane.sh start failed; logs in {}",
+                dir.path().display()
+            );
         }
         let crds = repo().join("crds");
         let (ok, out) = k(&["apply", "-f", &crds.display().to_string()], None);
@@ -281,16 +294,20 @@ impl Env {
             disks: paths,
             force_format: Vec::new(),
         };
-        let disks = eventually("the agent's disks to be released", Duration::from_secs(20), || {
-            let r = Disks::open_with(&cfg, &mut random_disk_id);
-            async move {
-                match r {
-                    Ok(d) => Some(d),
-                    Err(e) if e.to_string().contains("in use") => None,
-                    Err(e) => panic!("opening disks: {e}"),
+        let disks = eventually(
+            "the agent's disks to be released",
+            Duration::from_secs(20),
+            || {
+                let r = Disks::open_with(&cfg, &mut random_disk_id);
+                async move {
+                    match r {
+                        Ok(d) => Some(d),
+                        Err(e) if e.to_string().contains("in use") => None,
+                        Err(e) => panic!("opening disks: {e}"),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         let disks: Vec<_> = disks.iter().map(|(_, d)| d.clone()).collect();
         let mut acfg = AgentConfig::new(name.as_str(), listen);
@@ -359,7 +376,12 @@ impl Env {
 
     /// The topology of volume `id` now.
     pub async fn topology(&self, id: VolumeId) -> Option<Topology> {
-        self.cp.volume(id).await.ok().flatten().map(|v| v.value.topology)
+        self.cp
+            .volume(id)
+            .await
+            .ok()
+            .flatten()
+            .map(|v| v.value.topology)
     }
 
     /// Starts `toma-csi` with `args` (its log in DIR/<name>.log); returns its pid.
@@ -414,7 +436,10 @@ impl Env {
             "--node-id".into(),
             node.into(),
             "--state-dir".into(),
-            self.path().join(format!("state-{node}")).display().to_string(),
+            self.path()
+                .join(format!("state-{node}"))
+                .display()
+                .to_string(),
             "--allowed-root".into(),
             root.display().to_string(),
         ]
@@ -541,7 +566,11 @@ pub async fn wait_ready(sock: &Path, what: &str, log: impl Fn() -> String) {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "{what} not ready after 60s; log:\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready after 60s; log:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
