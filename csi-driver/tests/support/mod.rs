@@ -539,7 +539,7 @@ impl Drop for Env {
 }
 
 /// A gRPC channel to a CSI Unix socket.
-pub async fn channel(sock: &Path) -> Channel {
+pub async fn try_channel(sock: &Path) -> Result<Channel, tonic::transport::Error> {
     let sock = sock.to_path_buf();
     Endpoint::try_from("http://[::1]:50051")
         .expect("endpoint")
@@ -550,15 +550,18 @@ pub async fn channel(sock: &Path) -> Channel {
             }
         }))
         .await
-        .expect("connect to the CSI socket")
+}
+
+pub async fn channel(sock: &Path) -> Channel {
+    try_channel(sock).await.expect("connect to the CSI socket")
 }
 
 /// Waits until the plugin at `sock` answers Probe with ready = true.
 pub async fn wait_ready(sock: &Path, what: &str, log: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if sock.exists() {
-            let ch = channel(sock).await;
+        // A killed plugin leaves its socket file behind: connecting may be refused.
+        if let Ok(ch) = try_channel(sock).await {
             let mut id = v1::identity_client::IdentityClient::new(ch);
             if let Ok(r) = id.probe(v1::ProbeRequest {}).await {
                 if r.into_inner().ready == Some(true) {
