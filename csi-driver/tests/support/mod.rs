@@ -120,7 +120,10 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub bin: PathBuf,
     pub kubeconfig: PathBuf,
+    /// Admin (system:masters).
     pub client: Client,
+    /// What the agents authenticate with (admin unless a test swaps it).
+    pub agent_client: Client,
     pub cp: Arc<KubeControlPlane>,
     pub cluster: ClusterId,
     pub nodes: Mutex<Vec<NodeSlot>>,
@@ -159,6 +162,15 @@ pub fn kubectl_in(
     )
 }
 
+/// A client for `kubeconfig`.
+pub async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(config).expect("client")
+}
+
 fn random_u128() -> u128 {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("random");
@@ -169,6 +181,17 @@ impl Env {
     /// Starts the control plane, applies the CRDs, creates the namespace, starts `nodes`
     /// agents (one `disk_size` sparse disk each) on 127.0.0.`base_ip`+i and the leader.
     pub async fn start(bin: PathBuf, nodes: usize, disk_size: u64, base_ip: u8) -> Env {
+        let mut env = Env::control_plane(bin).await;
+        env.apply_crds();
+        let (ok, out) = env.kubectl(&["create", "namespace", NAMESPACE], None);
+        assert!(ok, "create namespace: {out}");
+        env.start_nodes(nodes, disk_size, base_ip).await;
+        env.start_leader(env.client.clone());
+        env
+    }
+
+    /// Only the control plane (etcd, kube-apiserver, kube-controller-manager).
+    pub async fn control_plane(bin: PathBuf) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("toma-csi-e2e.")
             .tempdir()
@@ -180,8 +203,6 @@ impl Env {
             .status()
             .expect("control-plane.sh runs")
             .success();
-        let kubeconfig = dir.path().join("kubeconfig");
-        let k = |args: &[&str], stdin: Option<&str>| kubectl_in(&bin, &kubeconfig, args, stdin);
         if !ok {
             let _ = Command::new(repo().join("e2e/harness/control-plane.sh"))
                 .arg("stop")
@@ -192,29 +213,8 @@ impl Env {
                 dir.path().display()
             );
         }
-        let crds = repo().join("crds");
-        let (ok, out) = k(&["apply", "-f", &crds.display().to_string()], None);
-        assert!(ok, "kubectl apply crds: {out}");
-        let (ok, out) = k(
-            &[
-                "wait",
-                "--for=condition=established",
-                "--timeout=60s",
-                "crd/tomanodes.toma.io",
-                "crd/tomadisks.toma.io",
-                "crd/tomavolumes.toma.io",
-                "crd/tomatopologies.toma.io",
-            ],
-            None,
-        );
-        assert!(ok, "CRDs not established: {out}");
-        let (ok, out) = k(&["create", "namespace", NAMESPACE], None);
-        assert!(ok, "create namespace: {out}");
-        let kc = Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .expect("config");
-        let client = Client::try_from(config).expect("client");
+        let kubeconfig = dir.path().join("kubeconfig");
+        let client = client_for(&kubeconfig).await;
         let cp = KubeControlPlane::new(
             client.clone(),
             KubeConfig {
@@ -227,9 +227,51 @@ impl Env {
             None,
         );
         let (leader_stop, _) = watch::channel(false);
+        Env {
+            dir,
+            bin,
+            kubeconfig,
+            agent_client: client.clone(),
+            client,
+            cp,
+            cluster: ClusterId(random_u128()),
+            nodes: Mutex::new(Vec::new()),
+            leader_stop,
+            procs: Mutex::new(Vec::new()),
+            cp_started: true,
+        }
+    }
+
+    /// Applies `crds/` and waits until they are established.
+    pub fn apply_crds(&self) {
+        let crds = repo().join("crds");
+        let (ok, out) = self.kubectl(&["apply", "-f", &crds.display().to_string()], None);
+        assert!(ok, "kubectl apply crds: {out}");
+        self.wait_crds();
+    }
+
+    pub fn wait_crds(&self) {
+        let (ok, out) = self.kubectl(
+            &[
+                "wait",
+                "--for=condition=established",
+                "--timeout=60s",
+                "crd/tomanodes.toma.io",
+                "crd/tomadisks.toma.io",
+                "crd/tomavolumes.toma.io",
+                "crd/tomatopologies.toma.io",
+            ],
+            None,
+        );
+        assert!(ok, "CRDs not established: {out}");
+    }
+
+    /// Creates `nodes` nodes with one sparse disk each and starts their agents (with
+    /// `self.agent_client`'s credentials).
+    pub async fn start_nodes(&mut self, nodes: usize, disk_size: u64, base_ip: u8) {
         let mut slots = Vec::new();
         for i in 0..nodes {
-            let ndir = dir.path().join(format!("node{}", i + 1));
+            let ndir = self.dir.path().join(format!("node{}", i + 1));
             std::fs::create_dir_all(&ndir).expect("node dir");
             let p = ndir.join("disk0.img");
             let f = std::fs::File::create(&p).expect("disk file");
@@ -241,23 +283,10 @@ impl Env {
                 agent: None,
             });
         }
-        let env = Env {
-            dir,
-            bin,
-            kubeconfig,
-            client,
-            cp,
-            cluster: ClusterId(random_u128()),
-            nodes: Mutex::new(slots),
-            leader_stop,
-            procs: Mutex::new(Vec::new()),
-            cp_started: true,
-        };
+        *self.nodes.lock() = slots;
         for i in 0..nodes {
-            env.start_agent(i).await;
+            self.start_agent(i).await;
         }
-        env.start_leader();
-        env
     }
 
     pub fn path(&self) -> &Path {
@@ -270,7 +299,7 @@ impl Env {
 
     fn agent_cp(&self) -> Arc<dyn ControlPlane> {
         KubeControlPlane::new(
-            self.client.clone(),
+            self.agent_client.clone(),
             KubeConfig {
                 lease_namespace: NAMESPACE.into(),
                 secret_namespace: NAMESPACE.into(),
@@ -334,7 +363,8 @@ impl Env {
         self.nodes.lock().iter().position(|n| n.name == name)
     }
 
-    fn start_leader(&self) {
+    /// Runs the operator's Lease loop and leader in this process, as `client`.
+    pub fn start_leader(&self, client: Client) {
         let (notices, notice_rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::default());
         let kube = KubeConfig {
@@ -343,7 +373,7 @@ impl Env {
             ..KubeConfig::default()
         };
         let cp = KubeControlPlane::new(
-            self.client.clone(),
+            client.clone(),
             kube.clone(),
             metrics.clone(),
             Some(notices.clone()),
@@ -362,7 +392,6 @@ impl Env {
                 ..LeaderConfig::default()
             },
         };
-        let client = self.client.clone();
         let stop = self.leader_stop.subscribe();
         tokio::spawn(async move {
             if let Err(e) =
