@@ -38,6 +38,7 @@ fuzz:
 # builds the pinned Go tools (etcd, kube-apiserver, ..., helm) once; later runs reuse the cache.
 e2e:
 	e2e/smoke.sh
+	e2e/csi.sh
 
 # CRD YAML in crds/, generated from crates/toma-crds (a test there fails when it is stale).
 crds:
