@@ -36,10 +36,11 @@ fuzz:
 
 # End-to-end suite against a loopback Kubernetes control plane (e2e/README.md). The first run
 # builds the pinned Go tools (etcd, kube-apiserver, ..., helm) once; later runs reuse the cache.
-# The fault scenarios (a)-(f) run agents in network namespaces (root needed).
+# The fault scenarios (a)-(g) run agents in network namespaces (root needed).
 e2e:
 	e2e/smoke.sh
 	e2e/scenarios.sh
+	e2e/csi.sh
 
 # CRD YAML in crds/, generated from crates/toma-crds (a test there fails when it is stale).
 crds:

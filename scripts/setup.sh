@@ -31,6 +31,17 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
 fi
+# The CSI node plugin and its e2e tests: FUSE (fuse3), loop devices and blkid (util-linux),
+# mkfs.ext4 (e2fsprogs), mkfs.xfs (xfsprogs).
+csi_missing=()
+for p in fuse3 util-linux e2fsprogs xfsprogs; do
+  dpkg -s "$p" >/dev/null 2>&1 || csi_missing+=("$p")
+done
+if [ ${#csi_missing[@]} -gt 0 ]; then
+  echo "setup: installing ${csi_missing[*]} (apt, once)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${csi_missing[@]}" >/dev/null
+fi
 if ! have go && [ ! -x /usr/local/go/bin/go ]; then
   echo "setup: go not found; the e2e tools (e2e/tools/build.sh) need Go >= 1.26" >&2
   exit 1

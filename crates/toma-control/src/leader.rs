@@ -257,7 +257,7 @@ impl Leader {
                 }
             };
             let Plan::Next(next) = plan else {
-                debug!(volume = %rec.name, ?plan, "waiting");
+                debug!(volume = %rec.name, ?plan, knowledge = ?k.members, members = ?t.members, "waiting");
                 continue;
             };
             match self
@@ -302,8 +302,18 @@ impl Leader {
         now: Duration,
     ) -> Option<Replacement> {
         let (idx, _) = t.members.iter().enumerate().find(|(i, m)| {
+            // Its disk is gone, or back on a node where another member lives (it cannot
+            // return there: no two live members share a node).
+            let stuck = match &reports[*i].present {
+                None => true,
+                Some(n) => t
+                    .members
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != *i && !o.role.is_dead() && &o.node == n),
+            };
             m.role == Role::Dead
-                && reports[*i].present.is_none()
+                && stuck
                 && self
                     .dead_since
                     .get(&(id, *i, m.disk))

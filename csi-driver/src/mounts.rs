@@ -1,0 +1,211 @@
+//! Mounts, loop devices and file systems, through the system's own tools (`mount`,
+//! `umount`, `losetup`, `blkid`, `mkfs.*`), and the mount table (`/proc/self/mountinfo`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Runs `prog args`, returning stdout, or an error with its stderr.
+pub fn run(prog: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{prog} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            if out.stderr.is_empty() {
+                format!("exit {}", out.status)
+            } else {
+                String::new()
+            }
+        ))
+    }
+}
+
+/// A mount point from `/proc/self/mountinfo`, with its source device (`major:minor`) and
+/// the root within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub dev: String,
+    pub root: String,
+    pub target: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+fn unescape(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| {
+                d.iter()
+                    .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0'))
+            });
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                dev: f.get(2)?.to_string(),
+                root: unescape(f.get(3)?),
+                target: PathBuf::from(unescape(f.get(4)?)),
+                fstype: r.first()?.to_string(),
+                source: unescape(r.get(1).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+pub fn mount_table() -> Vec<MountEntry> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default()
+}
+
+/// The mounts whose target is `path` (the last one is on top).
+pub fn mounts_at(path: &Path) -> Vec<MountEntry> {
+    mount_table()
+        .into_iter()
+        .filter(|m| m.target == path)
+        .collect()
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    !mounts_at(path).is_empty()
+}
+
+/// Unmounts every mount stacked at `path` (none: nothing to do).
+pub fn umount_all(path: &Path) -> Result<(), String> {
+    let p = path.to_string_lossy();
+    for _ in 0..16 {
+        if !is_mounted(path) {
+            return Ok(());
+        }
+        run("umount", &[&p])?;
+    }
+    Err(format!("{p}: still mounted after 16 unmounts"))
+}
+
+/// The file system type on `dev`, or `None` when it holds none (blkid finds nothing).
+pub fn fs_type(dev: &Path) -> Result<Option<String>, String> {
+    let d = dev.to_string_lossy();
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE", &d])
+        .output()
+        .map_err(|e| format!("blkid: {e}"))?;
+    match out.status.code() {
+        Some(0) => {
+            let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Ok((!t.is_empty()).then_some(t))
+        }
+        // 2: nothing found.
+        Some(2) => Ok(None),
+        _ => Err(format!(
+            "blkid -p {d}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// Makes a file system of type `fs` (ext4 or xfs) on `dev`, without discarding. Inode
+/// tables and the journal are written in full: a new volume's blocks are not zeroed (they
+/// may hold an earlier volume's bytes), so nothing may rely on them reading as zeros.
+pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
+    let d = dev.to_string_lossy();
+    match fs {
+        "ext4" => run(
+            "mkfs.ext4",
+            &[
+                "-F",
+                "-q",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                &d,
+            ],
+        )
+        .map(|_| ()),
+        "xfs" => run("mkfs.xfs", &["-f", "-q", "-K", &d]).map(|_| ()),
+        other => Err(format!("mkfs: unsupported fs type {other:?}")),
+    }
+}
+
+/// Attaches `file` to a free loop device with 4 KiB sectors (so every request is 4 KiB
+/// aligned); returns the device path.
+pub fn loop_attach(file: &Path) -> Result<PathBuf, String> {
+    let f = file.to_string_lossy();
+    run(
+        "losetup",
+        &["--find", "--show", "--sector-size", "4096", &f],
+    )
+    .map(PathBuf::from)
+}
+
+/// The loop device backed by `file`, if any.
+pub fn loop_of(file: &Path) -> Option<PathBuf> {
+    let f = file.to_string_lossy();
+    let out = run(
+        "losetup",
+        &["--noheadings", "--output", "NAME", "--associated", &f],
+    )
+    .ok()?;
+    out.lines().next().map(|l| PathBuf::from(l.trim()))
+}
+
+pub fn loop_detach(dev: &Path) -> Result<(), String> {
+    run("losetup", &["--detach", &dev.to_string_lossy()]).map(|_| ())
+}
+
+/// Bytes of the block device `dev` (via sysfs).
+pub fn block_size_of(dev: &Path) -> Option<u64> {
+    let name = dev.file_name()?.to_string_lossy().into_owned();
+    let sectors: u64 = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(sectors * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse_with_escapes() {
+        let t = "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext4 /dev/loop3 rw\n\
+                 37 35 0:50 / /var/x rw shared:2 - fuse toma rw,user_id=0\n";
+        let m = parse_mountinfo(t);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].target, PathBuf::from("/mnt/a b"));
+        assert_eq!(m[0].root, "/mnt1");
+        assert_eq!(m[0].fstype, "ext4");
+        assert_eq!(m[0].source, "/dev/loop3");
+        assert_eq!(m[1].dev, "0:50");
+    }
+}
