@@ -85,6 +85,8 @@ pub struct Leader {
     dead_since: BTreeMap<(VolumeId, usize, DiskId), Duration>,
     /// When this leader first saw each unreachability report, and the node's boot then.
     unreachable_seen: BTreeMap<(VolumeId, DiskId, u64), (Duration, u64)>,
+    /// Reports found at takeover that a predecessor had already handled.
+    unreachable_handled: BTreeSet<(VolumeId, DiskId, u64)>,
     hook: Option<TransitionHook>,
 }
 
@@ -99,6 +101,7 @@ impl Leader {
             last_read: None,
             dead_since: BTreeMap::new(),
             unreachable_seen: BTreeMap::new(),
+            unreachable_handled: BTreeSet::new(),
             hook: None,
         }
     }
@@ -153,6 +156,7 @@ impl Leader {
 
     /// One pass over every volume. Returns the topology changes written.
     pub async fn tick(&mut self) -> CpResult<Vec<Transition>> {
+        let taking_over = self.epoch.is_none();
         let epoch = match self.epoch {
             Some(e) => e,
             None => {
@@ -184,25 +188,27 @@ impl Leader {
                 // boot) or, for a broken link, until `readmit_after` has passed on this
                 // leader's clock; then it is tried again.
                 //
-                // A report made under an older generation while the member is alive in the
-                // current one is stale: a leader (maybe a predecessor) already acted on it
-                // and let the member back (a client that still cannot reach it reports again
-                // under the new generation). Without this rule a new leader would take every
-                // old report as fresh and fail members that are fine.
+                // A report this leader found when it took over, made under an older generation
+                // about a member alive in the current one, was already handled by a
+                // predecessor (which let the member back); taking it as fresh would fail
+                // members that are fine. A client that still cannot reach the member reports
+                // again under the new generation.
                 let report = unreachable.iter().find(|u| u.disk == m.disk);
-                let stale =
-                    report.is_some_and(|u| !m.role.is_dead() && u.generation < t.generation);
-                if stale {
-                    if let Err(e) = self.cp.clear_unreachable(rec.id, m.disk).await {
-                        debug!(volume = %rec.name, error = %e, "stale unreachability report not cleared");
+                if let Some(u) = report {
+                    if taking_over && !m.role.is_dead() && u.generation < t.generation {
+                        self.unreachable_handled
+                            .insert((rec.id, m.disk, u.generation));
                     }
                 }
-                if let (Some(node), Some(u), false) = (&present, report, stale) {
+                if let (Some(node), Some(u)) = (&present, report) {
                     let boot = self.seen.get(node).map_or(0, |s| s.boot);
                     let key = (rec.id, m.disk, u.generation);
                     let (first, boot_then) =
                         *self.unreachable_seen.entry(key).or_insert((now, boot));
-                    if boot == boot_then && now.saturating_sub(first) < self.cfg.readmit_after {
+                    if !self.unreachable_handled.contains(&key)
+                        && boot == boot_then
+                        && now.saturating_sub(first) < self.cfg.readmit_after
+                    {
                         present = None;
                     }
                 }
