@@ -92,7 +92,7 @@ impl VolumeFs {
     fn check(&self, offset: i64, len: u64) -> Result<u64, i32> {
         let off = u64::try_from(offset).map_err(|_| libc::EINVAL)?;
         let b = u64::from(BLOCK_SIZE);
-        if off % b != 0 || len % b != 0 {
+        if !off.is_multiple_of(b) || !len.is_multiple_of(b) {
             return Err(libc::EINVAL);
         }
         if off.checked_add(len).is_none_or(|e| e > self.size) {
