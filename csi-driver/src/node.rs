@@ -776,3 +776,28 @@ impl Node for NodeService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_stay_under_the_allowed_roots() {
+        let roots = [PathBuf::from("/var/lib/kubelet")];
+        let ok = check_path("target_path", "/var/lib/kubelet/pods/x/mount", &roots).unwrap();
+        assert_eq!(ok, PathBuf::from("/var/lib/kubelet/pods/x/mount"));
+        for (p, needle) in [
+            ("", "missing"),
+            ("relative/x", "absolute"),
+            ("/var/lib/kubelet/../../etc", "'..'"),
+            ("/etc/passwd", "outside"),
+            ("/var/lib/kubelet", "outside"),
+            ("/var/lib/kubeletx/y", "outside"),
+        ] {
+            let e = check_path("target_path", p, &roots).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{p}");
+            assert!(e.message().contains("target_path"), "{p}: {}", e.message());
+            assert!(e.message().contains(needle), "{p}: {}", e.message());
+        }
+    }
+}
