@@ -342,6 +342,12 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
     })?;
     info!(volume = %id, "stopping: flush, unmount, detach");
     let flushed = rt.block_on(client.flush());
+    // Detach the mount lazily: a loop device that has not let go of the file yet keeps the
+    // FUSE connection (and this session, served until then) alive; dropping the session
+    // then returns once the kernel ends the connection.
+    if let Err(e) = crate::mounts::run("umount", &["-l", &fuse_dir.to_string_lossy()]) {
+        warn!(error = %e, "lazy unmount of the export");
+    }
     drop(session);
     let _ = std::fs::remove_file(args.dir.join("ready"));
     rt.block_on(client.detach())

@@ -414,12 +414,15 @@ impl NodeService {
             std::thread::sleep(Duration::from_millis(50));
         }
         let clean = self.stop_datapath(st.pid, id, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
         if clean {
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
         } else {
+            // Keep its log; the state goes (nothing is staged any more).
+            let _ = std::fs::remove_file(dir.join("state.json"));
             Err(format!(
-                "volume {id}: the datapath had to be killed (see its log)"
+                "volume {id}: the datapath did not stop cleanly and was killed; its log: {}",
+                dir.join("datapath.log").display()
             ))
         }
     }
