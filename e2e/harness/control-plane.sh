@@ -6,6 +6,12 @@
 #   control-plane.sh start DIR   # generate certs, start, wait until ready; writes DIR/kubeconfig
 #   control-plane.sh env DIR     # prints `export ...` lines: eval "$(control-plane.sh env DIR)"
 #   control-plane.sh stop DIR    # stop everything started for DIR (safe after a failed start)
+#   control-plane.sh restart DIR # stop etcd, kube-apiserver and kube-controller-manager and start
+#                                # them again on the same data, certificates and ports
+#
+# APISERVER_BIND (default 127.0.0.1) is the address kube-apiserver listens on; the e2e nodes
+# (network namespaces) reach it through their bridge with APISERVER_BIND=0.0.0.0 (their
+# kubeconfig names the bridge address with tls-server-name localhost).
 #
 # Binaries: $TOMA_E2E_BIN if set, else whatever e2e/tools/build.sh prints (it builds once and
 # caches). Ports: free ones picked at random below the ephemeral range and reserved under
@@ -20,12 +26,13 @@ KCM_TIMEOUT=${KCM_TIMEOUT:-90}
 STOP_TIMEOUT=${STOP_TIMEOUT:-15}
 # Allocated, never routed: nothing here sends traffic to a Service IP (no kube-proxy, no pods).
 SERVICE_CIDR=${SERVICE_CIDR:-10.96.0.0/24}
+APISERVER_BIND=${APISERVER_BIND:-127.0.0.1}
 PORTS_DIR=${TMPDIR:-/tmp}/toma-e2e-ports
 
 log() { echo "control-plane: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-usage() { die "usage: $0 start|stop|env DIR"; }
+usage() { die "usage: $0 start|stop|restart|env DIR"; }
 
 [ $# -eq 2 ] || usage
 cmd=$1
@@ -220,6 +227,81 @@ kcm_healthy() { [ "$(curl -sk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz"
 # The serviceaccount controller (in kube-controller-manager) creates "default" in every namespace.
 default_sa() { "$BIN/kubectl" --kubeconfig="$DIR/kubeconfig" --request-timeout=5s -n default get sa default; }
 
+# ---------------------------------------------------------------- processes of the control plane
+
+start_etcd() {
+  start_proc etcd "$BIN/etcd" \
+    --name toma-e2e \
+    --data-dir "$DIR/etcd/data" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "toma-e2e=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync \
+    --quota-backend-bytes $((1024 * 1024 * 1024)) \
+    --log-level warn
+  wait_for etcd "$ETCD_TIMEOUT" "etcd /health" etcd_healthy
+
+}
+
+start_apiserver() {
+  # --endpoint-reconciler-type none: the `kubernetes` Service's Endpoints would name 127.0.0.1,
+  # which Endpoints validation rejects; nothing here (no pods) reaches the apiserver that way.
+  start_proc kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address "$APISERVER_BIND" \
+    --advertise-address 127.0.0.1 \
+    --secure-port "$API_PORT" \
+    --cert-dir "$PKI" \
+    --tls-cert-file "$PKI/apiserver.crt" \
+    --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction \
+    --service-account-issuer "https://127.0.0.1:$API_PORT" \
+    --service-account-key-file "$PKI/sa.pub" \
+    --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --endpoint-reconciler-type none \
+    --allow-privileged=true \
+    --profiling=false \
+    --v=1
+  wait_for kube-apiserver "$APISERVER_TIMEOUT" "kube-apiserver /readyz" apiserver_ready
+
+}
+
+start_kcm() {
+  start_proc kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig "$DIR/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$DIR/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$DIR/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 \
+    --secure-port "$KCM_PORT" \
+    --cert-dir "$DIR/kcm-certs" \
+    --leader-elect=false \
+    --controllers '*,-cloud-node-lifecycle-controller,-node-route-controller,-service-lb-controller' \
+    --use-service-account-credentials=true \
+    --root-ca-file "$PKI/ca.crt" \
+    --service-account-private-key-file "$PKI/sa.key" \
+    --cluster-signing-cert-file "$PKI/ca.crt" \
+    --cluster-signing-key-file "$PKI/ca.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --cluster-name toma-e2e \
+    --profiling=false \
+    --v=1
+  wait_for kube-controller-manager "$KCM_TIMEOUT" "kube-controller-manager /healthz" kcm_healthy
+  wait_for kube-controller-manager "$KCM_TIMEOUT" "ServiceAccount default/default" default_sa
+
+}
+
 # ---------------------------------------------------------------- commands
 
 locate_bin() {
@@ -259,74 +341,15 @@ do_start() {
   KCM_PORT=$(pick_port controller-manager)
   gen_certs
 
-  start_proc etcd "$BIN/etcd" \
-    --name toma-e2e \
-    --data-dir "$DIR/etcd/data" \
-    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-cluster "toma-e2e=http://127.0.0.1:$ETCD_PEER_PORT" \
-    --unsafe-no-fsync \
-    --quota-backend-bytes $((1024 * 1024 * 1024)) \
-    --log-level warn
-  wait_for etcd "$ETCD_TIMEOUT" "etcd /health" etcd_healthy
-
-  # --endpoint-reconciler-type none: the `kubernetes` Service's Endpoints would name 127.0.0.1,
-  # which Endpoints validation rejects; nothing here (no pods) reaches the apiserver that way.
-  start_proc kube-apiserver "$BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 \
-    --advertise-address 127.0.0.1 \
-    --secure-port "$API_PORT" \
-    --cert-dir "$PKI" \
-    --tls-cert-file "$PKI/apiserver.crt" \
-    --tls-private-key-file "$PKI/apiserver.key" \
-    --client-ca-file "$PKI/ca.crt" \
-    --authorization-mode Node,RBAC \
-    --enable-admission-plugins NodeRestriction \
-    --service-account-issuer "https://127.0.0.1:$API_PORT" \
-    --service-account-key-file "$PKI/sa.pub" \
-    --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" \
-    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
-    --requestheader-allowed-names front-proxy-client \
-    --requestheader-username-headers X-Remote-User \
-    --requestheader-group-headers X-Remote-Group \
-    --requestheader-extra-headers-prefix X-Remote-Extra- \
-    --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
-    --proxy-client-key-file "$PKI/front-proxy-client.key" \
-    --endpoint-reconciler-type none \
-    --allow-privileged=true \
-    --profiling=false \
-    --v=1
-  wait_for kube-apiserver "$APISERVER_TIMEOUT" "kube-apiserver /readyz" apiserver_ready
+  echo "$APISERVER_BIND" >"$DIR/bind"
+  start_etcd
+  start_apiserver
 
   write_kubeconfig "$DIR/kubeconfig" admin
   write_kubeconfig "$DIR/controller-manager.kubeconfig" controller-manager
   wait_for kube-apiserver 30 "kubectl get ns default" default_ns
 
-  start_proc kube-controller-manager "$BIN/kube-controller-manager" \
-    --kubeconfig "$DIR/controller-manager.kubeconfig" \
-    --authentication-kubeconfig "$DIR/controller-manager.kubeconfig" \
-    --authorization-kubeconfig "$DIR/controller-manager.kubeconfig" \
-    --bind-address 127.0.0.1 \
-    --secure-port "$KCM_PORT" \
-    --cert-dir "$DIR/kcm-certs" \
-    --leader-elect=false \
-    --controllers '*,-cloud-node-lifecycle-controller,-node-route-controller,-service-lb-controller' \
-    --use-service-account-credentials=true \
-    --root-ca-file "$PKI/ca.crt" \
-    --service-account-private-key-file "$PKI/sa.key" \
-    --cluster-signing-cert-file "$PKI/ca.crt" \
-    --cluster-signing-key-file "$PKI/ca.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" \
-    --cluster-name toma-e2e \
-    --profiling=false \
-    --v=1
-  wait_for kube-controller-manager "$KCM_TIMEOUT" "kube-controller-manager /healthz" kcm_healthy
-  wait_for kube-controller-manager "$KCM_TIMEOUT" "ServiceAccount default/default" default_sa
-
+  start_kcm
   {
     printf 'export KUBECONFIG=%q\n' "$DIR/kubeconfig"
     printf 'export TOMA_E2E_BIN=%q\n' "$BIN"
@@ -344,8 +367,35 @@ do_start() {
   log "control plane ready in $((SECONDS - t_start))s: KUBECONFIG=$DIR/kubeconfig"
 }
 
+port_of() { awk -F= -v n="$1" '$1 == n { print $2 }' "$DIR/ports"; }
+
+# Stops the processes (ports stay reserved, data and certificates stay) and starts them again.
+do_restart() {
+  [ -f "$DIR/ports" ] && [ -f "$DIR/kubeconfig" ] || die "no control plane was started in $DIR"
+  locate_bin
+  local name pid
+  if [ -f "$PIDS" ]; then
+    while read -r name pid; do
+      [ -n "$pid" ] && stop_one "$name" "$pid"
+    done < <(tac "$PIDS")
+  fi
+  : >"$PIDS"
+  ETCD_PORT=$(port_of etcd)
+  ETCD_PEER_PORT=$(port_of etcd-peer)
+  API_PORT=$(port_of apiserver)
+  KCM_PORT=$(port_of controller-manager)
+  APISERVER_BIND=$(cat "$DIR/bind" 2>/dev/null || echo 127.0.0.1)
+  t_start=$SECONDS
+  start_etcd
+  start_apiserver
+  wait_for kube-apiserver 30 "kubectl get ns default" default_ns
+  start_kcm
+  log "control plane restarted in $((SECONDS - t_start))s"
+}
+
 case $cmd in
   start) do_start ;;
+  restart) do_restart ;;
   stop) stop_all; log "stopped ($DIR)" ;;
   env)
     [ -f "$DIR/env" ] || die "no running control plane in $DIR (start it first)"

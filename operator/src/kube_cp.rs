@@ -102,6 +102,7 @@ pub struct KubeControlPlane {
     tx: watch::Sender<u64>,
     synced: Arc<AtomicUsize>,
     watchers: Vec<JoinHandle<()>>,
+    watches: Watches,
 }
 
 impl Drop for KubeControlPlane {
@@ -125,15 +126,43 @@ fn client_key(client: u128) -> String {
     format!("{client:032x}")
 }
 
-const WATCHED_KINDS: usize = 4;
+/// Which kinds' watches drive `changes()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watches {
+    /// All four CRDs (the operator: node heartbeats and disk reports matter to the leader).
+    All,
+    /// `TomaTopology` and `TomaVolume` only (agents and clients: they follow topologies and
+    /// must not wake on every node's heartbeat).
+    Topologies,
+}
+
+impl Watches {
+    fn count(self) -> usize {
+        match self {
+            Watches::All => 4,
+            Watches::Topologies => 2,
+        }
+    }
+}
 
 impl KubeControlPlane {
-    /// Connects the APIs and starts the watches that drive `changes()`.
+    /// Connects the APIs and starts the watches (of all four CRDs) that drive `changes()`.
     pub fn new(
         client: Client,
         cfg: KubeConfig,
         metrics: Arc<Metrics>,
         notices: Option<mpsc::UnboundedSender<Notice>>,
+    ) -> Arc<Self> {
+        Self::with_watches(client, cfg, metrics, notices, Watches::All)
+    }
+
+    /// Like [`KubeControlPlane::new`], watching only the kinds in `watches`.
+    pub fn with_watches(
+        client: Client,
+        cfg: KubeConfig,
+        metrics: Arc<Metrics>,
+        notices: Option<mpsc::UnboundedSender<Notice>>,
+        watches: Watches,
     ) -> Arc<Self> {
         let (tx, _) = watch::channel(0u64);
         let synced = Arc::new(AtomicUsize::new(0));
@@ -153,19 +182,24 @@ impl KubeControlPlane {
             tx,
             synced,
             watchers: Vec::new(),
+            watches,
         };
         cp.watchers = vec![
             spawn_watch(cp.topologies.clone(), cp.tx.clone(), cp.synced.clone()),
             spawn_watch(cp.volumes.clone(), cp.tx.clone(), cp.synced.clone()),
-            spawn_watch(cp.nodes.clone(), cp.tx.clone(), cp.synced.clone()),
-            spawn_watch(cp.disks.clone(), cp.tx.clone(), cp.synced.clone()),
         ];
+        if watches == Watches::All {
+            cp.watchers.extend([
+                spawn_watch(cp.nodes.clone(), cp.tx.clone(), cp.synced.clone()),
+                spawn_watch(cp.disks.clone(), cp.tx.clone(), cp.synced.clone()),
+            ]);
+        }
         Arc::new(cp)
     }
 
     /// Every watch has delivered its initial list (for `/readyz`).
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::SeqCst) >= WATCHED_KINDS
+        self.synced.load(Ordering::SeqCst) >= self.watches.count()
     }
 
     /// The election loop's verdict: `false` once this replica no longer holds the Lease.

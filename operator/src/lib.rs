@@ -3,6 +3,7 @@
 //! `toma_control::Leader` while this replica holds the Lease (`runtime`).
 #![forbid(unsafe_code)]
 
+pub mod connect;
 pub mod error;
 pub mod events;
 pub mod guard;
@@ -11,5 +12,6 @@ pub mod kube_cp;
 pub mod metrics;
 pub mod runtime;
 
-pub use kube_cp::{KubeConfig, KubeControlPlane, Notice};
+pub use connect::client_from_kubeconfig;
+pub use kube_cp::{KubeConfig, KubeControlPlane, Notice, Watches};
 pub use metrics::Metrics;

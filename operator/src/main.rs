@@ -8,10 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use tokio::sync::{mpsc, watch};
 use toma_control::LeaderConfig;
 use toma_operator::http::{serve, Health};
@@ -46,21 +43,12 @@ struct Args {
     /// Seconds without a heartbeat change (on this process's clock) before a node is gone.
     #[arg(long, default_value_t = 10)]
     node_timeout: u64,
+    /// Seconds after which a member a client reported unreachable is tried again.
+    #[arg(long, default_value_t = 30)]
+    readmit_after: u64,
     /// Seconds a member stays DEAD before a NEW disk replaces it.
     #[arg(long, default_value_t = 600)]
     replace_after: u64,
-}
-
-async fn client(args: &Args) -> anyhow::Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => Config::incluster().context("in-cluster configuration (or pass --kubeconfig)")?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 #[tokio::main]
@@ -71,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let client = client(&args).await?;
+    let client =
+        toma_operator::client_from_kubeconfig(args.kubeconfig.as_deref(), Duration::from_secs(5))
+            .await?;
     let kube = KubeConfig {
         lease_namespace: args.lease_namespace.clone(),
         lease_name: args.lease_name.clone(),
@@ -104,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         leader: LeaderConfig {
             node_timeout: Duration::from_secs(args.node_timeout),
             replace_after: Duration::from_secs(args.replace_after),
+            readmit_after: Duration::from_secs(args.readmit_after),
             ..LeaderConfig::default()
         },
     };

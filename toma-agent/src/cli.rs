@@ -14,6 +14,40 @@ use crate::disks::{parse_cluster, ConfigFile, DiskConfig, DisksError};
 pub struct Cli {
     #[command(flatten)]
     pub disks: DiskArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Serving the datapath with the Kubernetes API as control plane. Without `--node`, the agent
+/// only opens (and formats) its disks, prints them and exits.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// This node's name (its `TomaNode`); serving starts only when it is given.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Kubeconfig file; without it, the in-cluster configuration.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of the datapath listener (clients and other agents connect here).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7100")]
+    pub listen: String,
+    /// Heartbeat and timer period, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub tick_ms: u64,
+    /// A client that does not acknowledge a pushed topology in this long is fenced (ms).
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub ack_timeout_ms: u64,
+    /// A client whose connection dropped is fenced unless it comes back within this long (ms).
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub reconnect_grace_ms: u64,
+    /// After a restart, no locks are granted for this long unless every attached client
+    /// re-registered sooner (ms).
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub restart_grace_ms: u64,
+    /// Every call to the Kubernetes API gives up after this long (ms); the agent keeps serving
+    /// on the topologies it has and retries on its next tick.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub api_timeout_ms: u64,
 }
 
 /// Which disks this agent owns.

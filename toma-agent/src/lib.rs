@@ -14,10 +14,12 @@
 //! `align_offset`, `O_DIRECT` is an `OpenOptions` flag and `flock` comes from `rustix`.
 #![forbid(unsafe_code)]
 
+pub mod bounded;
 pub mod cli;
 pub mod device;
 pub mod disk;
 pub mod disks;
+pub mod k8s;
 pub mod local;
 pub mod server;
 pub mod state;

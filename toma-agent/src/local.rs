@@ -273,41 +273,7 @@ impl LocalCluster {
         chunk_size: u64,
         size: u64,
     ) -> Result<VolumeId, String> {
-        let spec = VolumeSpec::new(layout, chunk_size, size).map_err(|e| e.to_string())?;
-        let disks = self.cp.disks().await.map_err(|e| e.to_string())?;
-        let candidates: Vec<Candidate> = disks
-            .iter()
-            .filter(|d| d.healthy)
-            .map(|d| Candidate {
-                disk: d.disk,
-                node: d.node.clone(),
-                free: d.free,
-            })
-            .collect();
-        let chosen = choose_disks(
-            &candidates,
-            layout,
-            spec.member_bytes(),
-            layout.members(),
-            &[],
-        )
-        .map_err(|e| e.to_string())?;
-        let id = VolumeId(random_u128());
-        let topology =
-            Topology::new_normal(id, layout, chunk_size, chosen).map_err(|e| e.to_string())?;
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| e.to_string())?;
-        self.cp
-            .create_volume(VolumeRecord {
-                id,
-                name: name.to_string(),
-                spec,
-                secret,
-                topology,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(id)
+        create_volume(self.cp.as_ref(), name, layout, chunk_size, size).await
     }
 
     pub async fn topology(&self, id: VolumeId) -> Option<Topology> {
@@ -402,4 +368,50 @@ impl LocalCluster {
             self.kill_agent(i);
         }
     }
+}
+
+/// Creates volume `name` on any control plane: its members on healthy disks of distinct
+/// nodes chosen by `toma_core::allocate::choose_disks` (most free space first), a random id
+/// and secret, and a Normal topology at generation 1.
+pub async fn create_volume(
+    cp: &dyn ControlPlane,
+    name: &str,
+    layout: Layout,
+    chunk_size: u64,
+    size: u64,
+) -> Result<VolumeId, String> {
+    let spec = VolumeSpec::new(layout, chunk_size, size).map_err(|e| e.to_string())?;
+    let disks = cp.disks().await.map_err(|e| e.to_string())?;
+    let candidates: Vec<Candidate> = disks
+        .iter()
+        .filter(|d| d.healthy)
+        .map(|d| Candidate {
+            disk: d.disk,
+            node: d.node.clone(),
+            free: d.free,
+        })
+        .collect();
+    let chosen = choose_disks(
+        &candidates,
+        layout,
+        spec.member_bytes(),
+        layout.members(),
+        &[],
+    )
+    .map_err(|e| e.to_string())?;
+    let id = VolumeId(random_u128());
+    let topology =
+        Topology::new_normal(id, layout, chunk_size, chosen).map_err(|e| e.to_string())?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| e.to_string())?;
+    cp.create_volume(VolumeRecord {
+        id,
+        name: name.to_string(),
+        spec,
+        secret,
+        topology,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(id)
 }

@@ -1,4 +1,5 @@
-//! `toma-agent`: opens this node's disks. The datapath server is added on top of the library.
+//! `toma-agent`: opens this node's disks; with `--node NAME`, serves the datapath with the
+//! Kubernetes API as its control plane (`toma_agent::k8s`).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -9,6 +10,10 @@ use toma_agent::Disks;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -29,5 +34,28 @@ fn main() -> ExitCode {
             disk.extents().len()
         );
     }
-    ExitCode::SUCCESS
+    let Some(node) = cli.serve.node.clone() else {
+        return ExitCode::SUCCESS;
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("toma-agent: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let _agent = match toma_agent::k8s::start(&cli.serve, &node, &disks).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("toma-agent: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod check_model;
 mod demo;
+mod io;
 mod nbd;
 mod sim;
 mod workload;
@@ -35,6 +36,10 @@ enum Command {
     Sim(sim::Args),
     Nbd(nbd::NbdArgs),
     Bench(bench::BenchArgs),
+    /// The verifying workload against a volume through the Kubernetes control plane: every
+    /// topology change on its own clock, SIGUSR1 marks a fault, SIGTERM stops and verifies
+    /// every block on every mirror.
+    Io(io::IoArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Nbd(args) => report(nbd::run(args)),
         Command::Bench(args) => report(bench::run(args)),
+        Command::Io(args) => report(io::run(args)),
     }
 }
 

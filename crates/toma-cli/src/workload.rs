@@ -57,6 +57,8 @@ pub struct IoRecord {
 
 /// Shared state of a running workload.
 pub struct Workload {
+    /// The first block this workload owns (the volume's block `base + i` is its block `i`).
+    base: u64,
     blocks: u64,
     acked: Vec<AtomicU64>,
     issued: Vec<AtomicU64>,
@@ -70,7 +72,14 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(blocks: u64, origin: Instant) -> Arc<Workload> {
+        Self::with_base(0, blocks, origin)
+    }
+
+    /// A workload on the volume's blocks `base..base + blocks` only (several workloads, one
+    /// per range, can share a volume).
+    pub fn with_base(base: u64, blocks: u64, origin: Instant) -> Arc<Workload> {
         Arc::new(Workload {
+            base,
             blocks,
             acked: (0..blocks).map(|_| AtomicU64::new(0)).collect(),
             issued: (0..blocks).map(|_| AtomicU64::new(0)).collect(),
@@ -133,24 +142,26 @@ impl Workload {
             let r = next();
             let start = self.origin.elapsed();
             if r % 10 < 6 {
-                let addr = owned[(next() % owned.len() as u64) as usize];
-                let ver = self.issued[addr as usize].load(Ordering::SeqCst) + 1;
-                self.issued[addr as usize].store(ver, Ordering::SeqCst);
+                let idx = owned[(next() % owned.len() as u64) as usize];
+                let addr = self.base + idx;
+                let ver = self.issued[idx as usize].load(Ordering::SeqCst) + 1;
+                self.issued[idx as usize].store(ver, Ordering::SeqCst);
                 let data = Bytes::from(block_bytes(addr, ver));
                 match client.write(addr * BLOCK as u64, data).await {
                     Ok(()) => {
-                        self.acked[addr as usize].store(ver, Ordering::SeqCst);
+                        self.acked[idx as usize].store(ver, Ordering::SeqCst);
                         self.writes.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => self.error(format!("write of block {addr} v{ver}: {e}")),
                 }
                 self.record(start, true, addr);
             } else {
-                let addr = next() % self.blocks;
-                let floor = self.acked[addr as usize].load(Ordering::SeqCst);
+                let idx = next() % self.blocks;
+                let addr = self.base + idx;
+                let floor = self.acked[idx as usize].load(Ordering::SeqCst);
                 match client.read(addr * BLOCK as u64, BLOCK).await {
                     Ok(data) => {
-                        let ceil = self.issued[addr as usize].load(Ordering::SeqCst);
+                        let ceil = self.issued[idx as usize].load(Ordering::SeqCst);
                         match decode_block(addr, &data) {
                             Some(v) if v >= floor && v <= ceil => {}
                             Some(v) => self.error(format!(
@@ -179,9 +190,14 @@ impl Workload {
         });
     }
 
-    /// The newest acknowledged version of every block.
-    pub fn expected(&self, addr: u64) -> u64 {
-        self.acked[addr as usize].load(Ordering::SeqCst)
+    /// The newest acknowledged version of the workload's block `idx` (the volume's block
+    /// `base() + idx`).
+    pub fn expected(&self, idx: u64) -> u64 {
+        self.acked[idx as usize].load(Ordering::SeqCst)
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     pub fn blocks(&self) -> u64 {

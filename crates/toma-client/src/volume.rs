@@ -16,7 +16,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use toma_control::{Attachment, ControlPlane};
 use toma_core::placement::{clears_dirty_after, locks, read_member, sets_dirty, write_members};
-use toma_core::{DirtyMarks, DiskId, Generation, MemberIdx, Topology, VolumeId, VolumeSpec};
+use toma_core::{
+    DirtyMarks, DiskId, Generation, MemberIdx, NodeId, Topology, VolumeId, VolumeSpec,
+};
 use toma_wire::transport::Transport;
 use toma_wire::{ClientId, ErrorCode, Message, Secret};
 use tracing::{debug, info, warn};
@@ -75,6 +77,8 @@ pub struct ClientStats {
 struct Link {
     session: Arc<Session>,
     client: ClientId,
+    /// The node the session goes to: a member whose disk moves is reached on its new node.
+    node: NodeId,
 }
 
 struct Inner {
@@ -98,6 +102,9 @@ struct Inner {
     stats: ClientStats,
     /// One writer per chunk within this client (TOMA locks are per client id).
     local_locks: LocalLocks,
+    /// When a held operation last asked the control plane for a newer topology (this
+    /// process's monotonic clock): one ask per `hold_retry`, however many operations wait.
+    last_poll: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// A handle to a volume; clone it freely, use it from many tasks.
@@ -175,6 +182,7 @@ impl VolumeClient {
             events: events_tx,
             stats: ClientStats::default(),
             local_locks: LocalLocks::default(),
+            last_poll: Mutex::new(None),
             cfg,
         });
         inner.record_attachment(client).await?;
@@ -184,8 +192,8 @@ impl VolumeClient {
         // Register everywhere now so the TOMAs count this client from the start.
         let t = me.topology();
         for m in t.alive() {
-            let disk = t.members[m].disk;
-            if let Err(e) = me.inner.link(disk).await {
+            let (disk, node) = (t.members[m].disk, &t.members[m].node);
+            if let Err(e) = me.inner.link(disk, node).await {
                 warn!(volume = %volume, member = m, error = %e, "member not reachable at attach");
             }
         }
@@ -197,12 +205,25 @@ impl VolumeClient {
     }
 
     /// Waits until the topology's generation is at least `g`, up to `max`.
+    /// An idle client (no connection to push topologies on) asks the control plane itself
+    /// now and then.
     pub async fn wait_generation(&self, g: Generation, max: Duration) -> bool {
         let mut rx = self.inner.topo.subscribe();
-        let ok = tokio::time::timeout(max, rx.wait_for(|t| t.generation >= g))
-            .await
-            .is_ok();
-        ok
+        let wait = async {
+            loop {
+                let step = tokio::time::timeout(
+                    Duration::from_millis(250),
+                    rx.wait_for(|t| t.generation >= g),
+                )
+                .await
+                .map(|r| r.is_ok());
+                match step {
+                    Ok(reached) => return reached,
+                    Err(_) => self.inner.refresh().await,
+                }
+            }
+        };
+        tokio::time::timeout(max, wait).await.unwrap_or(false)
     }
 
     pub fn spec(&self) -> VolumeSpec {
@@ -319,14 +340,13 @@ impl VolumeClient {
         member: MemberIdx,
         msg: Message,
     ) -> Result<Message, ClientError> {
-        let disk = t
+        let m = t
             .members
             .get(member)
-            .ok_or_else(|| ClientError::Member(member, "no such member".into()))?
-            .disk;
+            .ok_or_else(|| ClientError::Member(member, "no such member".into()))?;
         let s = self
             .inner
-            .link(disk)
+            .link(m.disk, &m.node)
             .await
             .map_err(|e| ClientError::Member(member, e.to_string()))?;
         s.call(t.generation, msg)
@@ -406,24 +426,33 @@ impl Inner {
         }
     }
 
+    /// Waits up to `max` for a topology newer than `g`. A held operation may have no live
+    /// member to push the next topology to it (every member DEAD, connections gone): when
+    /// none came, it asks the control plane.
     async fn wait_newer(&self, g: Generation, max: Duration) {
         let mut rx = self.topo.subscribe();
-        let _ = tokio::time::timeout(max, rx.wait_for(|t| t.generation > g)).await;
+        let came = tokio::time::timeout(max, rx.wait_for(|t| t.generation > g))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if came {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let due = {
+            let mut last = self.last_poll.lock();
+            let due = last.is_none_or(|at| now.duration_since(at) >= self.cfg.hold_retry);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            self.refresh().await;
+        }
     }
 
-    async fn endpoint(&self, disk: DiskId) -> Result<String, CallError> {
-        let disks = self
-            .cp
-            .disks()
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let node = disks
-            .iter()
-            .find(|d| d.disk == disk)
-            .map(|d| d.node.clone())
-            .ok_or_else(|| {
-                CallError::Unreachable(format!("disk {disk} is not reported by any node"))
-            })?;
+    /// The datapath address of `node` (the topology says which node holds a member).
+    async fn endpoint(&self, node: &NodeId) -> Result<String, CallError> {
         let nodes = self
             .cp
             .nodes()
@@ -431,15 +460,19 @@ impl Inner {
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         nodes
             .iter()
-            .find(|n| n.node == node)
+            .find(|n| &n.node == node)
             .map(|n| n.endpoint.clone())
             .ok_or_else(|| CallError::Unreachable(format!("node {node} has no endpoint")))
     }
 
     /// The registered session to `disk`'s TOMA, connecting and registering if needed.
-    async fn link(self: &Arc<Self>, disk: DiskId) -> Result<Arc<Session>, CallError> {
+    async fn link(
+        self: &Arc<Self>,
+        disk: DiskId,
+        node: &NodeId,
+    ) -> Result<Arc<Session>, CallError> {
         if let Some(l) = self.links.lock().get(&disk) {
-            if !l.session.is_closed() {
+            if !l.session.is_closed() && &l.node == node {
                 return Ok(l.session.clone());
             }
         }
@@ -451,11 +484,15 @@ impl Inner {
             .clone();
         let _g = gate.lock().await;
         if let Some(l) = self.links.lock().get(&disk) {
-            if !l.session.is_closed() {
+            if !l.session.is_closed() && &l.node == node {
                 return Ok(l.session.clone());
             }
         }
-        let addr = self.endpoint(disk).await?;
+        if let Some(old) = self.links.lock().remove(&disk) {
+            // The member moved to another node: the old session is of no use.
+            old.session.close();
+        }
+        let addr = self.endpoint(node).await?;
         let session = Session::connect(
             self.transport.as_ref(),
             &addr,
@@ -491,6 +528,7 @@ impl Inner {
                     Link {
                         session: session.clone(),
                         client,
+                        node: node.clone(),
                     },
                 );
                 Ok(session)
@@ -554,7 +592,7 @@ impl Inner {
                 if m == member {
                     continue;
                 }
-                if let Ok(s) = me.link(t.members[m].disk).await {
+                if let Ok(s) = me.link(t.members[m].disk, &t.members[m].node).await {
                     let _ = s
                         .call(
                             t.generation,
@@ -623,12 +661,31 @@ impl Inner {
         member: MemberIdx,
         msg: Message,
     ) -> Result<Message, Retry> {
-        let s = match self.link(t.members[member].disk).await {
+        let s = match self
+            .link(t.members[member].disk, &t.members[member].node)
+            .await
+        {
             Ok(s) => s,
             Err(e) => return Err(self.on_error(t, member, e).await),
         };
         match s.call(t.generation, msg).await {
             Ok(m) => Ok(m),
+            Err(CallError::Refused {
+                code: ErrorCode::NotRegistered,
+                ..
+            }) => {
+                // This session was replaced (by us, after a timeout) or the TOMA forgot us:
+                // drop it unless a newer one already took its place, and try again.
+                let disk = t.members[member].disk;
+                let mut links = self.links.lock();
+                if links
+                    .get(&disk)
+                    .is_some_and(|l| Arc::ptr_eq(&l.session, &s))
+                {
+                    links.remove(&disk);
+                }
+                Err(Retry::Backoff)
+            }
             Err(e) => Err(self.on_error(t, member, e).await),
         }
     }
@@ -847,7 +904,7 @@ impl Inner {
             // (or the caller gives up), and the TOMA serves LOCK/UNLOCK of a connection in
             // arrival order, so a later LOCK of this unit on this session cannot overtake
             // it. An unlock that does not arrive is cleaned up by fencing or Rebuild-init.
-            if let Ok(s) = self.link(t.members[m].disk).await {
+            if let Ok(s) = self.link(t.members[m].disk, &t.members[m].node).await {
                 s.tell(t.generation, Message::Unlock { unit }).await;
             }
         }

@@ -65,7 +65,9 @@ pub struct VolumeView {
 struct Seen {
     heartbeat: u64,
     boot: u64,
-    at: Duration,
+    /// Observed silence: leader-clock time over which this leader read the node's record
+    /// and found it unchanged.
+    silent: Duration,
 }
 
 /// Called by `Leader::run` with the topology changes of each pass (see
@@ -78,6 +80,8 @@ pub struct Leader {
     cfg: LeaderConfig,
     epoch: Option<Epoch>,
     seen: BTreeMap<NodeId, Seen>,
+    /// When this leader last read the nodes (its own clock).
+    last_read: Option<Duration>,
     dead_since: BTreeMap<(VolumeId, usize, DiskId), Duration>,
     /// When this leader first saw each unreachability report, and the node's boot then.
     unreachable_seen: BTreeMap<(VolumeId, DiskId, u64), (Duration, u64)>,
@@ -92,6 +96,7 @@ impl Leader {
             cfg,
             epoch: None,
             seen: BTreeMap::new(),
+            last_read: None,
             dead_since: BTreeMap::new(),
             unreachable_seen: BTreeMap::new(),
             hook: None,
@@ -111,28 +116,36 @@ impl Leader {
     }
 
     /// Nodes whose agents have reported recently, judged on this leader's clock only.
+    ///
+    /// Silence is counted only over time this leader could observe: each read credits the
+    /// time since its previous read, at most half of `node_timeout`. A longer gap (the
+    /// control plane did not answer, or this process was paused) counts no more than that,
+    /// so an outage of the API server or of the leader itself never makes nodes that kept
+    /// beating look dead: they get a fresh chance to be seen.
     fn live_nodes(&mut self, nodes: &[crate::records::NodeRecord]) -> BTreeSet<NodeId> {
         let now = self.clock.now();
+        let credit = self.last_read.map_or(Duration::ZERO, |prev| {
+            now.saturating_sub(prev).min(self.cfg.node_timeout / 2)
+        });
+        self.last_read = Some(now);
         let mut live = BTreeSet::new();
         for n in nodes {
-            let changed = match self.seen.get(&n.node) {
-                Some(s) => s.heartbeat != n.heartbeat || s.boot != n.boot,
-                None => true,
-            };
-            if changed {
-                self.seen.insert(
-                    n.node.clone(),
-                    Seen {
-                        heartbeat: n.heartbeat,
-                        boot: n.boot,
-                        at: now,
-                    },
-                );
+            let s = self.seen.entry(n.node.clone()).or_insert(Seen {
+                heartbeat: n.heartbeat,
+                boot: n.boot,
+                silent: Duration::ZERO,
+            });
+            if s.heartbeat != n.heartbeat || s.boot != n.boot {
+                *s = Seen {
+                    heartbeat: n.heartbeat,
+                    boot: n.boot,
+                    silent: Duration::ZERO,
+                };
+            } else {
+                s.silent = s.silent.saturating_add(credit);
             }
-            if let Some(s) = self.seen.get(&n.node) {
-                if now.saturating_sub(s.at) < self.cfg.node_timeout {
-                    live.insert(n.node.clone());
-                }
+            if s.silent < self.cfg.node_timeout {
+                live.insert(n.node.clone());
             }
         }
         live
@@ -170,9 +183,21 @@ impl Leader {
                 // A member a client cannot reach stays away until its agent restarts (a new
                 // boot) or, for a broken link, until `readmit_after` has passed on this
                 // leader's clock; then it is tried again.
-                if let (Some(node), Some(u)) =
-                    (&present, unreachable.iter().find(|u| u.disk == m.disk))
-                {
+                //
+                // A report made under an older generation while the member is alive in the
+                // current one is stale: a leader (maybe a predecessor) already acted on it
+                // and let the member back (a client that still cannot reach it reports again
+                // under the new generation). Without this rule a new leader would take every
+                // old report as fresh and fail members that are fine.
+                let report = unreachable.iter().find(|u| u.disk == m.disk);
+                let stale =
+                    report.is_some_and(|u| !m.role.is_dead() && u.generation < t.generation);
+                if stale {
+                    if let Err(e) = self.cp.clear_unreachable(rec.id, m.disk).await {
+                        debug!(volume = %rec.name, error = %e, "stale unreachability report not cleared");
+                    }
+                }
+                if let (Some(node), Some(u), false) = (&present, report, stale) {
                     let boot = self.seen.get(node).map_or(0, |s| s.boot);
                     let key = (rec.id, m.disk, u.generation);
                     let (first, boot_then) =
@@ -232,7 +257,7 @@ impl Leader {
                 }
             };
             let Plan::Next(next) = plan else {
-                debug!(volume = %rec.name, ?plan, "waiting");
+                debug!(volume = %rec.name, ?plan, knowledge = ?k.members, members = ?t.members, "waiting");
                 continue;
             };
             match self
@@ -277,8 +302,18 @@ impl Leader {
         now: Duration,
     ) -> Option<Replacement> {
         let (idx, _) = t.members.iter().enumerate().find(|(i, m)| {
+            // Its disk is gone, or back on a node where another member lives (it cannot
+            // return there: no two live members share a node).
+            let stuck = match &reports[*i].present {
+                None => true,
+                Some(n) => t
+                    .members
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != *i && !o.role.is_dead() && &o.node == n),
+            };
             m.role == Role::Dead
-                && reports[*i].present.is_none()
+                && stuck
                 && self
                     .dead_since
                     .get(&(id, *i, m.disk))

@@ -151,6 +151,24 @@ async fn node_silence_degrades_and_return_rebuilds_to_normal() {
 }
 
 #[tokio::test]
+async fn a_gap_in_the_leaders_own_observation_is_not_silence() {
+    let (cp, clock, mut leader, id) = setup().await;
+    assert!(leader.tick().await.unwrap().is_empty());
+    // The leader could not read anything for a minute (API server down, or it was paused):
+    // the nodes' unchanged heartbeats on its next read do not make them dead.
+    clock.advance(Duration::from_secs(60));
+    assert!(leader.tick().await.unwrap().is_empty(), "nodes judged dead");
+    assert_eq!(phase(&cp, id).await, (Phase::Normal, 1));
+    // Silence it does observe still counts: b stops beating, a and c go on.
+    for beat in 2..5 {
+        clock.advance(Duration::from_secs(2));
+        heartbeat(&cp, &["a", "c"], beat).await;
+        leader.tick().await.unwrap();
+    }
+    assert_eq!(phase(&cp, id).await, (Phase::Degraded, 2));
+}
+
+#[tokio::test]
 async fn dead_member_is_replaced_by_a_new_disk_after_the_grace_period() {
     let (cp, clock, mut leader, id) = setup().await;
     leader.tick().await.unwrap();
@@ -212,4 +230,54 @@ async fn the_store_refuses_a_topology_that_skips_a_phase() {
     let mut back = v.value.topology.clone();
     back.generation = 0;
     assert!(cp.cas_topology(id, v.version, epoch, back).await.is_err());
+}
+
+#[tokio::test]
+async fn a_new_leader_does_not_act_on_reports_its_predecessor_handled() {
+    let (cp, clock, mut old, id) = setup().await;
+    old.tick().await.unwrap();
+    // A client could not reach member b under g1: the leader degrades it...
+    cp.report_unreachable(Unreachable {
+        volume: id,
+        disk: DiskId(2),
+        generation: 1,
+    })
+    .await
+    .unwrap();
+    old.tick().await.unwrap();
+    assert_eq!(phase(&cp, id).await, (Phase::Degraded, 2));
+    sync_all(&cp, id, None).await;
+    // ...and after readmit_after lets it back.
+    clock.advance(Duration::from_secs(31));
+    heartbeat(&cp, &["a", "b", "c"], 2).await;
+    old.tick().await.unwrap();
+    assert_eq!(phase(&cp, id).await, (Phase::RebuildInit, 3));
+    sync_all(&cp, id, None).await;
+    // The leader dies; its successor must not take the g1 report as news.
+    let cfg = LeaderConfig {
+        node_timeout: Duration::from_secs(5),
+        ..LeaderConfig::default()
+    };
+    let mut new = Leader::new(cp.clone(), clock.clone(), cfg);
+    new.tick().await.unwrap();
+    let t = cp.volume(id).await.unwrap().unwrap().value.topology;
+    assert!(
+        matches!(t.phase(), Phase::RebuildInit | Phase::Rebuilding),
+        "the new leader acted on a handled report: {t}"
+    );
+    assert!(
+        cp.unreachable(id).await.unwrap().is_empty(),
+        "the stale report was cleared"
+    );
+    // A report under the current generation still counts.
+    sync_all(&cp, id, None).await;
+    cp.report_unreachable(Unreachable {
+        volume: id,
+        disk: DiskId(2),
+        generation: t.generation,
+    })
+    .await
+    .unwrap();
+    new.tick().await.unwrap();
+    assert_eq!(phase(&cp, id).await.0, Phase::Degraded);
 }

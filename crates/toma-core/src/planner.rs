@@ -187,12 +187,23 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 .filter(|(_, m)| m.last_good)
                 .map(|(i, _)| i)
                 .collect();
-            let back = !good.is_empty()
-                && good
-                    .iter()
-                    .all(|&i| k.members[i].present.as_ref() == Some(&t.members[i].node));
-            if !back || good.len() < t.layout.min_readable() {
+            // They may come back on another node (a disk moved while the volume was failed),
+            // each on a node of its own.
+            let mut at: Vec<(MemberIdx, NodeId)> = Vec::new();
+            for &i in &good {
+                let Some(node) = &k.members[i].present else {
+                    return Ok(Plan::Wait(Wait::NothingToRestore));
+                };
+                if at.iter().any(|(_, n)| n == node) {
+                    return Ok(Plan::Wait(Wait::NothingToRestore));
+                }
+                at.push((i, node.clone()));
+            }
+            if at.is_empty() || at.len() < t.layout.min_readable() {
                 return Ok(Plan::Wait(Wait::NothingToRestore));
+            }
+            for (i, node) in at {
+                next.members[i].node = node;
             }
             for m in next.members.iter_mut() {
                 if m.last_good {
@@ -235,8 +246,14 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
             // Otherwise a NEW disk may replace a DEAD member: everything is dirty.
             if !changed {
                 if let Some(r) = &k.replacement {
+                    // A NEW disk goes to a node no member uses, not even a DEAD one (whose
+                    // disk may still come back there).
                     let free = t.members[r.member].role.is_dead()
-                        && !node_taken(&next, r.member, &r.node)
+                        && !t
+                            .members
+                            .iter()
+                            .enumerate()
+                            .any(|(j, m)| j != r.member && m.node == r.node)
                         && !t.members.iter().any(|m| m.disk == r.disk);
                     if free {
                         let m = &mut next.members[r.member];
@@ -290,12 +307,12 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
     }
 }
 
-/// True when a member other than `idx` already sits on `node`.
+/// True when a live (not DEAD) member other than `idx` already sits on `node`.
 fn node_taken(t: &Topology, idx: MemberIdx, node: &NodeId) -> bool {
     t.members
         .iter()
         .enumerate()
-        .any(|(j, m)| j != idx && &m.node == node)
+        .any(|(j, m)| j != idx && !m.role.is_dead() && &m.node == node)
 }
 
 /// Marks `lost` DEAD and keeps the volume serving if it can.
@@ -412,6 +429,24 @@ mod tests {
         let t5 = step(&t4, &all_synced(&t4));
         assert_eq!(t5.phase(), Phase::Normal);
         assert_eq!(t5.generation, 6);
+    }
+
+    #[test]
+    fn failed_volume_returns_when_its_good_disk_moved() {
+        let mut t = raid1(2);
+        t.members[0].role = Role::Dead;
+        t.members[0].full_rebuild = true;
+        t.members[1].role = Role::Dead;
+        t.members[1].last_good = true;
+        t.members[1].node = "n3".into();
+        assert_eq!(t.phase(), Phase::Failed);
+        let mut k = all_synced(&t);
+        k.members[0].present = Some(t.members[0].node.clone());
+        k.members[1].present = Some("n1".into());
+        let n = step(&t, &k);
+        assert_eq!(n.phase(), Phase::Degraded);
+        assert_eq!(n.members[1].role, Role::Rwl);
+        assert_eq!(n.members[1].node, NodeId::from("n1"));
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub enum TopologyError {
         want: usize,
         got: usize,
     },
-    #[error("members[{a}] and members[{b}] are both on node {node}: no two members of a volume may share a node")]
+    #[error("members[{a}] and members[{b}] are both on node {node}: no two live members of a volume may share a node")]
     SameNode { a: usize, b: usize, node: NodeId },
     #[error("members[{a}] and members[{b}] are both disk {disk}")]
     SameDisk { a: usize, b: usize, disk: DiskId },
@@ -253,7 +253,9 @@ impl Topology {
         }
         for (a, ma) in self.members.iter().enumerate() {
             for (b, mb) in self.members.iter().enumerate().skip(a + 1) {
-                if ma.node == mb.node {
+                // A DEAD member's node is only where it was last: a disk may come back on
+                // that node as another member.
+                if ma.node == mb.node && !ma.role.is_dead() && !mb.role.is_dead() {
                     return Err(TopologyError::SameNode {
                         a,
                         b,

@@ -197,6 +197,19 @@ proptest! {
             for i in 0..w.t.n() {
                 if w.k.members[i].present.is_none() || w.t.members[i].role.is_dead() {
                     let node = w.t.members[i].node.clone();
+                    // A DEAD member whose node now serves another member cannot return there:
+                    // the leader offers a NEW disk on a node of its own instead.
+                    let taken = w.t.members.iter().enumerate().any(|(j, m)| {
+                        j != i && !m.role.is_dead() && m.node == node
+                    });
+                    if w.t.members[i].role.is_dead() && taken {
+                        w.next_disk += 1;
+                        w.k.replacement = Some(Replacement {
+                            member: i,
+                            disk: DiskId(w.next_disk),
+                            node: NodeId(format!("fresh{i}")),
+                        });
+                    }
                     w.k.members[i].present = Some(node);
                 }
             }

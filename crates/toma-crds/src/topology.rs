@@ -113,8 +113,8 @@ pub struct TopologyMember {
 #[x_kube(validation = Rule::new("self.members.all(m, self.members.exists_one(o, o.disk == m.disk))")
     .message("members: duplicate member disks (each member must be a different disk)")
     .field_path(".members"))]
-#[x_kube(validation = Rule::new("self.members.all(m, self.members.exists_one(o, o.node == m.node))")
-    .message("members: two members on one node (no two members of a volume may share a node)")
+#[x_kube(validation = Rule::new("self.members.all(m, m.role == 'DEAD' || self.members.exists_one(o, o.role != 'DEAD' && o.node == m.node))")
+    .message("members: two live members on one node (no two members of a volume that are not DEAD may share a node)")
     .field_path(".members"))]
 #[x_kube(validation = Rule::new("self.lockMode == 'DualLock' ? self.members.exists(m, m.role == 'WL') : !self.members.exists(m, m.role == 'WL')")
     .message("lockMode: DualLock exactly when a member is WL")

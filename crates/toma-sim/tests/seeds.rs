@@ -52,13 +52,13 @@ fn a_seed_replays_to_the_same_event_log() {
 fn each_mutation_is_caught_by_its_recorded_seed() {
     for (m, seed, expect) in [
         // A client on the old generation and one on the new both hold chunk 2's locks.
-        (Mutation::SkipDualLock, 164, "P5 exclusion"),
+        (Mutation::SkipDualLock, 57, "P5 exclusion"),
         // A member back from DEAD keeps blocks it missed: a read returns an old version.
         (Mutation::NoDirtyBits, 3, "P1 durability"),
         // A read served by a W member still being rebuilt returns version 0.
         (Mutation::ReadFromW, 6, "P1 durability"),
         // The leader advances before every client acknowledged: a write is lost.
-        (Mutation::EarlyAdvance, 27, "P1 durability"),
+        (Mutation::EarlyAdvance, 0, "P1 durability"),
     ] {
         let opts = Options {
             mutation: Some(m),
@@ -89,7 +89,15 @@ fn each_mutation_is_caught_by_its_recorded_seed() {
 #[test]
 fn seeds_that_found_fixed_bugs_pass() {
     let opts = Options::default();
-    for seed in [103, 32, 187] {
+    // 44: a disk moved onto a node hosting another member of its volume was served as that
+    //     member (P1). 176: a whole-cluster power loss while degraded lost the survivor's
+    //     dirty bits and the rebuild copied nothing (P1). 64: a write delayed past its
+    //     timeout landed after the client's retry and a newer write (P1). 2: a restarted
+    //     agent hosting a DEAD member fenced every client, and an idle rebuild client never
+    //     learned the next generation (stuck Rebuilding). 14, 24: a failed volume whose good
+    //     disk moved to another node never came back (14, still failing for another reason);
+    //     clients dialled a moved disk's old node.
+    for seed in [103, 32, 187, 44, 176, 64, 2, 24] {
         let r = run(seed, &opts);
         assert!(
             r.violation.is_none(),

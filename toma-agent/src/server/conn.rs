@@ -81,6 +81,24 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                         .await;
                     continue;
                 }
+                // A client that reconnected (its request timed out here, say) registered a
+                // newer connection: what still arrives on this one is late, and a late WRITE
+                // or UNLOCK must not land after what the client did since.
+                let current = b
+                    .member
+                    .clients
+                    .lock()
+                    .get(&b.client)
+                    .is_some_and(|c| c.conn == conn_id);
+                if !current {
+                    let _ = sender
+                        .send(&frame.reply(err(
+                            ErrorCode::NotRegistered,
+                            "this connection was replaced by a newer one of the same client",
+                        )))
+                        .await;
+                    continue;
+                }
                 if matches!(
                     frame.msg,
                     Message::Lock { .. }

@@ -259,6 +259,23 @@ impl AgentInner {
             debug!(error = %e, "heartbeat not written");
         }
         for d in &self.disks {
+            // A disk pulled out of this node, or failing, may see no datapath I/O here (its
+            // clients went elsewhere): look at it now and then so its loss is reported.
+            if self
+                .healthy
+                .get(&d.id())
+                .is_some_and(|h| h.load(Ordering::SeqCst))
+            {
+                let dev = d.device().clone();
+                let probe = disk_io(d, move || {
+                    let mut buf = vec![0u8; 4096];
+                    dev.read_at(&mut buf, 0)
+                })
+                .await;
+                if !matches!(probe, Ok(Ok(()))) {
+                    self.mark_unhealthy(d.id());
+                }
+            }
             let used: u64 = d.extents().iter().map(|e| e.length).sum();
             let free = d
                 .size()
@@ -268,6 +285,19 @@ impl AgentInner {
                 .healthy
                 .get(&d.id())
                 .is_some_and(|h| h.load(Ordering::SeqCst));
+            if !healthy {
+                // A disk that failed here may have been plugged into another node since: its
+                // record is then that node's, and this node's stale word must not replace it.
+                let elsewhere = match self.cp.disks().await {
+                    Ok(all) => all
+                        .iter()
+                        .any(|r| r.disk == d.id() && r.node != self.cfg.node),
+                    Err(_) => true,
+                };
+                if elsewhere {
+                    continue;
+                }
+            }
             let rec = DiskRecord {
                 disk: d.id(),
                 node: self.cfg.node.clone(),
@@ -294,23 +324,45 @@ impl AgentInner {
         for v in vols {
             let rec = v.value;
             let t = &rec.topology;
-            let Some((idx, disk)) = t.members.iter().enumerate().find_map(|(i, m)| {
-                self.disks
-                    .iter()
-                    .find(|d| d.id() == m.disk)
-                    .map(|d| (i, d.clone()))
-            }) else {
+            // This node may hold the disks of two members of one volume (a disk moved here
+            // from another node while this node hosts a member). The datapath serves one
+            // member per volume: the one the topology places on this node, else the first.
+            let ours: Vec<(usize, Arc<Disk>)> = t
+                .members
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    self.disks
+                        .iter()
+                        .find(|d| d.id() == m.disk)
+                        .map(|d| (i, d.clone()))
+                })
+                .collect();
+            let here = |i: usize| t.members[i].node == self.cfg.node;
+            let placed_here = ours
+                .iter()
+                .find(|(i, _)| here(*i) && !t.members[*i].role.is_dead())
+                .or_else(|| ours.iter().find(|(i, _)| here(*i)));
+            let Some((idx, disk)) = placed_here.or(ours.first()).cloned() else {
                 continue;
             };
             seen.push(rec.id);
             let existing = self.member(rec.id);
             match existing {
-                None => self.host(&rec, idx, disk).await,
-                Some(m) => {
+                Some(m) if m.idx() == idx && m.disk.id() == disk.id() => {
                     if t.generation > m.topology().generation {
                         self.apply_topology(&m, t.clone(), idx).await;
                     }
                 }
+                Some(m) => {
+                    // Another member of this volume is now the one placed here: stop serving
+                    // the old one (its extent stays on its disk) and serve the new one.
+                    info!(volume = %rec.name, from = m.idx(), to = idx, "serving another member of the volume");
+                    self.members.lock().remove(&rec.id);
+                    self.local.lock().await.remove(&rec.id);
+                    self.host(&rec, idx, disk).await;
+                }
+                None => self.host(&rec, idx, disk).await,
             }
         }
         // Volumes that are gone: free their extents.
@@ -359,7 +411,20 @@ impl AgentInner {
         // A restart (the extent existed): locks and dirty bits were lost.
         let restarted = had_extent;
         let degraded = t.members.iter().any(|m| m.role != Role::Rwl);
-        let attached = if restarted {
+        if restarted && degraded && role == Role::Rwl {
+            // What the members that are not readable missed was in the lost bits: everything
+            // is dirty for them, whatever the topology says (the leader may not know yet).
+            for (k, mk) in t.members.iter().enumerate() {
+                if matches!(mk.role, Role::W | Role::Dead) {
+                    if let Err(e) = runtime.dirty.set_all(k) {
+                        warn!(error = %e, "cannot set all dirty bits");
+                    }
+                }
+            }
+        }
+        // Clients neither lock nor write a DEAD member: nothing of theirs was lost here, so
+        // there is no one to wait for or fence (when it returns, it starts afresh anyway).
+        let attached = if restarted && role != Role::Dead {
             self.cp
                 .attachments(rec.id)
                 .await
@@ -423,7 +488,8 @@ impl AgentInner {
                     .members
                     .get(k)
                     .is_some_and(|o| o.role == Role::Dead || o.disk != mk.disk);
-                if mk.role == Role::W && mk.full_rebuild && entering {
+                let lost = *m.dirty_bits_lost.lock();
+                if mk.role == Role::W && (mk.full_rebuild || lost) && entering {
                     if let Err(e) = rt.dirty.set_all(k) {
                         warn!(error = %e, "cannot set all dirty bits");
                     }
