@@ -183,21 +183,8 @@ impl Leader {
                 // A member a client cannot reach stays away until its agent restarts (a new
                 // boot) or, for a broken link, until `readmit_after` has passed on this
                 // leader's clock; then it is tried again.
-                //
-                // A report made under an older generation while the member is alive in the
-                // current one is stale: a leader (maybe a predecessor) already acted on it
-                // and let the member back (a client that still cannot reach it reports again
-                // under the new generation). Without this rule a new leader would take every
-                // old report as fresh and fail members that are fine.
                 let report = unreachable.iter().find(|u| u.disk == m.disk);
-                let stale =
-                    report.is_some_and(|u| !m.role.is_dead() && u.generation < t.generation);
-                if stale {
-                    if let Err(e) = self.cp.clear_unreachable(rec.id, m.disk).await {
-                        debug!(volume = %rec.name, error = %e, "stale unreachability report not cleared");
-                    }
-                }
-                if let (Some(node), Some(u), false) = (&present, report, stale) {
+                if let (Some(node), Some(u)) = (&present, report) {
                     let boot = self.seen.get(node).map_or(0, |s| s.boot);
                     let key = (rec.id, m.disk, u.generation);
                     let (first, boot_then) =
@@ -267,6 +254,20 @@ impl Leader {
             {
                 Ok(_) => {
                     info!(volume = %rec.name, from = %t, to = %next, "topology change");
+                    // A member let back in (DEAD → W): the reports that made it DEAD were
+                    // acted on. Clear them so a later leader does not take them as news (a
+                    // client that still cannot reach it reports again, under the new
+                    // generation).
+                    for (i, m) in next.members.iter().enumerate() {
+                        let was = &t.members[i];
+                        if was.role.is_dead() && !m.role.is_dead() {
+                            for disk in [was.disk, m.disk] {
+                                if let Err(e) = self.cp.clear_unreachable(rec.id, disk).await {
+                                    debug!(volume = %rec.name, error = %e, "handled unreachability report not cleared");
+                                }
+                            }
+                        }
+                    }
                     changes.push(Transition {
                         volume: rec.id,
                         name: rec.name.clone(),
