@@ -116,6 +116,7 @@ fn seeds_that_found_fixed_bugs_pass() {
 ///   machine lost power must come back stale (full rebuild), never readable as it was.
 /// * P6, not back in Normal within 120 s (seeds 45, 65, 91, 162, 205) and operations that
 ///   never complete after healing (seeds 14, 61).
+///
 /// Run it with `cargo nextest run -p toma-sim --run-ignored all`.
 #[test]
 #[ignore = "open bugs found by the simulation still fail about 3% of the seeds (see the comment)"]
