@@ -8,7 +8,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BIN=$("$here/tools/build.sh" kube etcd helm csi csi-provisioner)
-export TOMA_E2E_BIN=$BIN TOMA_E2E_REQUIRED=1
+export TOMA_E2E_BIN=$BIN TOMA_E2E_REQUIRED=1 TOMA_E2E_CSI=1
 cd "$here/.."
-exec ${CARGO:-cargo} nextest run -p toma-csi --locked --no-fail-fast \
+exec ${CARGO:-cargo} nextest run -p toma-csi --locked --no-fail-fast --test-threads 1 \
   --test e2e_sanity --test e2e_faults --test e2e_helm

@@ -92,7 +92,7 @@ impl VolumeFs {
     fn check(&self, offset: i64, len: u64) -> Result<u64, i32> {
         let off = u64::try_from(offset).map_err(|_| libc::EINVAL)?;
         let b = u64::from(BLOCK_SIZE);
-        if off % b != 0 || len % b != 0 {
+        if !off.is_multiple_of(b) || !len.is_multiple_of(b) {
             return Err(libc::EINVAL);
         }
         if off.checked_add(len).is_none_or(|e| e > self.size) {
@@ -341,11 +341,31 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     info!(volume = %id, "stopping: flush, unmount, detach");
-    let flushed = rt.block_on(client.flush());
+    // Every step is bounded: the node plugin kills a datapath that takes longer than
+    // `DATAPATH_STOP_TIMEOUT` (30 s) and reports the stop as unclean.
+    let flushed = rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(15), client.flush()).await {
+            Ok(r) => r.map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow::anyhow!("no answer in 15 s")),
+        }
+    });
+    // Detach the mount lazily: a loop device that has not let go of the file yet keeps the
+    // FUSE connection (and this session, served until then) alive; dropping the session
+    // then returns once the kernel ends the connection.
+    if let Err(e) = crate::mounts::run("umount", &["-l", &fuse_dir.to_string_lossy()]) {
+        warn!(error = %e, "lazy unmount of the export");
+    }
+    info!(volume = %id, flushed = flushed.is_ok(), "export detached; ending the FUSE session");
     drop(session);
+    info!(volume = %id, "FUSE session ended");
     let _ = std::fs::remove_file(args.dir.join("ready"));
-    rt.block_on(client.detach())
-        .with_context(|| format!("detaching volume {id}"))?;
+    rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(5), client.detach()).await {
+            Ok(r) => r.map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow::anyhow!("no answer in 5 s")),
+        }
+    })
+    .with_context(|| format!("detaching volume {id}"))?;
     flushed.with_context(|| format!("final flush of volume {id}"))?;
     info!(volume = %id, "detached");
     Ok(())

@@ -88,16 +88,20 @@ fn is_block(cap: &v1::VolumeCapability) -> bool {
     )
 }
 
+/// Process `pid` is the datapath of `volume` (`toma-csi datapath --volume-id <volume> ...`).
 fn alive(pid: u32, volume: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-        let s = String::from_utf8_lossy(&c);
-        s.contains("datapath") && s.contains(volume)
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        args.get(1) == Some(&b"datapath".as_slice()) && args.contains(&volume.as_bytes())
     })
 }
 
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return format!("{} is empty", path.display());
+    }
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
@@ -331,9 +335,11 @@ impl NodeService {
         let dir = self.vol_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Status::internal(format!("{}: {e}", dir.display())))?;
-        let (pid, dev) = self
-            .attach_frontend(id, &dir)
-            .map_err(Status::failed_precondition)?;
+        let (pid, dev) = self.attach_frontend(id, &dir).map_err(|e| {
+            // Nothing was staged: leave nothing behind (the log's tail is in the message).
+            let _ = std::fs::remove_dir_all(&dir);
+            Status::failed_precondition(e)
+        })?;
         let st = Staged {
             volume_id: id.to_string(),
             staging_path: staging.to_path_buf(),
@@ -408,12 +414,15 @@ impl NodeService {
             std::thread::sleep(Duration::from_millis(50));
         }
         let clean = self.stop_datapath(st.pid, id, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
         if clean {
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
         } else {
+            // Keep its log; the state goes (nothing is staged any more).
+            let _ = std::fs::remove_file(dir.join("state.json"));
             Err(format!(
-                "volume {id}: the datapath had to be killed (see its log)"
+                "volume {id}: the datapath did not stop cleanly and was killed; its log: {}",
+                dir.join("datapath.log").display()
             ))
         }
     }
@@ -768,5 +777,30 @@ impl Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: Some(topology_segment(&self.cluster)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_stay_under_the_allowed_roots() {
+        let roots = [PathBuf::from("/var/lib/kubelet")];
+        let ok = check_path("target_path", "/var/lib/kubelet/pods/x/mount", &roots).unwrap();
+        assert_eq!(ok, PathBuf::from("/var/lib/kubelet/pods/x/mount"));
+        for (p, needle) in [
+            ("", "missing"),
+            ("relative/x", "absolute"),
+            ("/var/lib/kubelet/../../etc", "'..'"),
+            ("/etc/passwd", "outside"),
+            ("/var/lib/kubelet", "outside"),
+            ("/var/lib/kubeletx/y", "outside"),
+        ] {
+            let e = check_path("target_path", p, &roots).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{p}");
+            assert!(e.message().contains("target_path"), "{p}: {}", e.message());
+            assert!(e.message().contains(needle), "{p}: {}", e.message());
+        }
     }
 }

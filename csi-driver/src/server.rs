@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Node mode: where staged volumes are recorded (must survive a plugin restart).
     #[arg(long, default_value = "/var/lib/toma-csi")]
     pub state_dir: PathBuf,
+    /// Node mode: the program started as `PROGRAM datapath ...` for each staged volume
+    /// (default: this binary).
+    #[arg(long)]
+    pub datapath_exe: Option<PathBuf>,
     /// Node mode: staging and target paths must lie under one of these (repeatable).
     #[arg(long = "allowed-root", default_value = "/var/lib/kubelet")]
     pub allowed_roots: Vec<PathBuf>,
@@ -121,7 +125,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("--node-id (or NODE_NAME) is required in node mode")?;
             std::fs::create_dir_all(args.state_dir.join("volumes"))
                 .with_context(|| format!("creating {}", args.state_dir.display()))?;
-            let exe = std::env::current_exe().context("locating this binary")?;
+            let exe = match &args.datapath_exe {
+                Some(p) => p.clone(),
+                None => std::env::current_exe().context("locating this binary")?,
+            };
             let node = Arc::new(NodeService::new(
                 cp,
                 client.clone(),

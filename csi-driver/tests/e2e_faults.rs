@@ -383,7 +383,7 @@ async fn node_plugin_restart_while_writing_keeps_io_and_unstages_cleanly() {
         "the datapath process {datapath_pid} is still running"
     );
     let log = std::fs::read_to_string(env.path().join("node-restarted.log")).unwrap_or_default();
-    assert!(!log.contains("had to be killed"), "unclean stop: {log}");
+    assert!(!log.contains("did not stop cleanly"), "unclean stop: {log}");
     let cp = env.cp.clone();
     eventually(
         "the attachment to be removed",

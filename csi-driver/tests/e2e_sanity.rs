@@ -5,9 +5,11 @@
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use csi_proto::v1;
 use support::{precheck, wait_ready, Env};
 
 fn run_sanity(env: &Env, access: &str, ctrl: &std::path::Path, node: &std::path::Path) -> String {
@@ -101,6 +103,8 @@ async fn csi_sanity_mount_and_block() {
             "csi-sanity {access}: the node lifecycle spec did not run:\n{text}"
         );
     }
+    bad_input(&env, &ctrl, &node, &root).await;
+
     // Every volume csi-sanity made was deleted: no TomaVolume is left, no extent on a disk
     // of a running agent, no datapath process, mount or loop device.
     let (ok, out) = env.kubectl(&["get", "tomavolumes", "-o", "name"], None);
@@ -113,7 +117,8 @@ async fn csi_sanity_mount_and_block() {
                 .iter()
                 .all(|p| {
                     !std::fs::read(format!("/proc/{p}/cmdline"))
-                        .map(|c| String::from_utf8_lossy(&c).contains("datapath"))
+                        // `toma-csi datapath ...`, not a plugin's `--datapath-exe` flag.
+                        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"datapath".as_slice()))
                         .unwrap_or(false)
                 })
                 .then_some(())
@@ -124,4 +129,144 @@ async fn csi_sanity_mount_and_block() {
         support::loops_under(env.path()).is_empty(),
         "loop devices left"
     );
+}
+
+/// Bad input gets the status the spec requires, with a message naming what was wrong, and
+/// changes nothing; a node whose frontend cannot be created says what it tried.
+async fn bad_input(env: &Env, ctrl: &Path, node: &Path, root: &Path) {
+    use csi_proto::v1::controller_client::ControllerClient;
+    use csi_proto::v1::node_client::NodeClient;
+    use tonic::Code;
+    let mut c = ControllerClient::new(support::channel(ctrl).await);
+    let mut n = NodeClient::new(support::channel(node).await);
+    let cap = support::mount_cap("ext4");
+    let create = |name: &str, params: &[(&str, &str)], bytes: i64| v1::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(v1::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap.clone()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    for (params, code, needle) in [
+        (vec![("raid", "raid5")], Code::InvalidArgument, "raid"),
+        (
+            vec![("chunkSize", "3000")],
+            Code::InvalidArgument,
+            "chunkSize",
+        ),
+        (
+            vec![("raid", "raid6"), ("dataMembers", "1")],
+            Code::InvalidArgument,
+            "dataMembers",
+        ),
+        (
+            vec![("mirrors", "3"), ("colour", "red")],
+            Code::InvalidArgument,
+            "colour",
+        ),
+        // Three nodes cannot hold RAID6 4+2.
+        (vec![("raid", "raid6")], Code::ResourceExhausted, "capacity"),
+    ] {
+        let e = c
+            .create_volume(create("bad-params", &params, 64 << 20))
+            .await
+            .expect_err("bad parameters refused");
+        assert_eq!(e.code(), code, "{params:?}: {e:?}");
+        assert!(e.message().contains(needle), "{params:?}: {}", e.message());
+    }
+    let e = c
+        .create_volume(create("too-big", &[], 1 << 40))
+        .await
+        .expect_err("no capacity");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let (ok, out) = env.kubectl(&["get", "tomavolumes", "-o", "name"], None);
+    assert!(
+        ok && out.trim().is_empty(),
+        "a refused CreateVolume left {out}"
+    );
+
+    let vol = c
+        .create_volume(create("bad-input-ok", &[], 16 << 20))
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let stage = |path: &Path| v1::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: path.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    for bad in [
+        PathBuf::from("/etc/toma-outside"),
+        root.join("staging/../../escape"),
+        PathBuf::from("relative/path"),
+    ] {
+        let e = n.node_stage_volume(stage(&bad)).await.expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}: {e:?}", bad.display());
+        assert!(
+            e.message().contains("staging_target_path"),
+            "{}",
+            e.message()
+        );
+    }
+    let e = n
+        .node_publish_volume(v1::NodePublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            staging_target_path: root.join("s").display().to_string(),
+            target_path: "/tmp/../etc/x".into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("target_path"), "{}", e.message());
+
+    // A node plugin whose datapath cannot start: every frontend tried is named, with why.
+    let sock = env.path().join("csi/node-broken.sock");
+    let mut args = env.node_args(&sock, "broken-node", root);
+    args.push("--datapath-exe".into());
+    args.push("/bin/false".into());
+    env.spawn_csi("node-broken", &args);
+    wait_ready(&sock, "node plugin (broken datapath)", || {
+        env.log("node-broken")
+    })
+    .await;
+    let mut nb = NodeClient::new(support::channel(&sock).await);
+    let e = nb
+        .node_stage_volume(stage(&root.join("staging-broken")))
+        .await
+        .expect_err("no frontend");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for needle in ["ublk:", "nbd:", "fuse+loop:", "exited"] {
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in: {}",
+            e.message()
+        );
+    }
+    eprintln!("NodeStage without a frontend: {}", e.message());
+    assert!(!toma_csi::mounts::is_mounted(&root.join("staging-broken")));
+    assert!(
+        !env.path()
+            .join("state-broken-node/volumes")
+            .join(&vol.volume_id)
+            .join("state.json")
+            .exists(),
+        "a failed NodeStage left state behind"
+    );
+    c.delete_volume(v1::DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("DeleteVolume");
 }

@@ -273,6 +273,20 @@ impl Leader {
             {
                 Ok(_) => {
                     info!(volume = %rec.name, from = %t, to = %next, "topology change");
+                    // A member let back in (DEAD → W): the reports that made it DEAD were
+                    // acted on. Clear them so a later leader does not take them as news (a
+                    // client that still cannot reach it reports again, under the new
+                    // generation).
+                    for (i, m) in next.members.iter().enumerate() {
+                        let was = &t.members[i];
+                        if was.role.is_dead() && !m.role.is_dead() {
+                            for disk in [was.disk, m.disk] {
+                                if let Err(e) = self.cp.clear_unreachable(rec.id, disk).await {
+                                    debug!(volume = %rec.name, error = %e, "handled unreachability report not cleared");
+                                }
+                            }
+                        }
+                    }
                     changes.push(Transition {
                         volume: rec.id,
                         name: rec.name.clone(),

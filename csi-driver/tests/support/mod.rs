@@ -5,9 +5,9 @@
 //! processes. Everything is torn down by `Drop`, also when a test fails: plugin processes,
 //! datapath processes, mounts and loop devices under the test's directory, the control plane.
 //!
-//! Needs root (mounts, loop devices, FUSE) and the e2e tools (`e2e/tools/build.sh`). Without
-//! them a test prints why and returns, unless `TOMA_E2E_REQUIRED=1` (`make e2e`), where it
-//! fails.
+//! Run by `e2e/csi.sh` (`make e2e`), which sets `TOMA_E2E_CSI=1`. Needs root (mounts, loop
+//! devices, FUSE) and the e2e tools (`e2e/tools/build.sh`). Otherwise a test prints why and
+//! returns, unless `TOMA_E2E_REQUIRED=1` (set by `e2e/csi.sh`), where it fails.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -69,7 +69,11 @@ pub fn precheck(extra: &[&str]) -> Option<PathBuf> {
         "kubectl",
     ];
     need.extend_from_slice(extra);
-    let why = if !rustix::process::geteuid().is_root() {
+    let why = if std::env::var("TOMA_E2E_CSI").as_deref() != Ok("1") {
+        // `make e2e` (e2e/csi.sh) runs these one at a time; `make nextest` would run them a
+        // second time, in parallel with everything else.
+        Some("the CSI e2e tests run under e2e/csi.sh (TOMA_E2E_CSI=1)".to_string())
+    } else if !rustix::process::geteuid().is_root() {
         Some("not root (mounts, loop devices and FUSE need it)".to_string())
     } else if !Path::new("/dev/fuse").exists() {
         Some("no /dev/fuse".to_string())

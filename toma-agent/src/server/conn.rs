@@ -416,6 +416,12 @@ async fn handle(
             }
         }
         Message::FenceClient { client: victim } => {
+            let victim_id = ClientId(*victim);
+            // Fenced here already with nothing left to recover: nothing to do (peers tell
+            // each other, and a fresh recovery each time would bounce between them).
+            if rt.locks.is_fenced(victim_id) && rt.locks.locks_of(victim_id).is_empty() {
+                return Message::Ok;
+            }
             fence::start(
                 agent.clone(),
                 m.clone(),

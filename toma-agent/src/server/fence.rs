@@ -87,6 +87,12 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
     info!(volume = %m.name, %client, units = held.len(), "recovering stale locks");
     for unit in held {
         loop {
+            // Only while the fenced client still holds this member's lock is no one else
+            // writing the chunk; once it is freed (by a peer's recovery), copying it could
+            // overwrite a newer write with an older one.
+            if rt.locks.holder(unit) != Some(client) {
+                break;
+            }
             let t = m.topology();
             let me = m.idx();
             let reader = read_member(&t, unit);
@@ -111,9 +117,20 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     .await
                 {
                     Ok(Message::Locks { locks }) => {
-                        if !locks.iter().any(|l| l.client == client.0)
-                            && rt.locks.holder(unit) == Some(client)
-                        {
+                        if locks.iter().any(|l| l.client == client.0) {
+                            // The reader may not have fenced the client yet (it was DEAD
+                            // when we told the live members): tell it now, so its TOMA
+                            // recovers the chunk and frees the lock.
+                            let fenced = local
+                                .request(&t, r, Message::FenceClient { client: client.0 })
+                                .await;
+                            if !matches!(fenced, Ok(Message::Ok)) {
+                                local
+                                    .wait_generation(t.generation + 1, Duration::from_millis(200))
+                                    .await;
+                                continue;
+                            }
+                        } else if rt.locks.holder(unit) == Some(client) {
                             rt.locks.force_unlock(unit);
                         }
                         break;

@@ -48,6 +48,9 @@ pub struct Member {
     pub rebuild: Mutex<Option<RebuildProgress>>,
     /// Clients being fenced right now (recovery in progress).
     pub fencing: Mutex<Vec<ClientId>>,
+    /// Lock holders that are not registered here (locks copied from another member, or
+    /// left by an identity the client dropped), with when this agent first saw them so.
+    pub orphans: Mutex<BTreeMap<ClientId, Duration>>,
 }
 
 impl Member {

@@ -11,7 +11,7 @@ mod fence;
 mod member;
 mod rebuild;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -452,6 +452,7 @@ impl AgentInner {
             dirty_bits_lost: Mutex::new(restarted && degraded && role == Role::Rwl),
             rebuild: Mutex::new(None),
             fencing: Mutex::new(Vec::new()),
+            orphans: Mutex::new(BTreeMap::new()),
         });
         info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, "hosting member");
         self.members.lock().insert(rec.id, m.clone());
@@ -557,6 +558,41 @@ impl AgentInner {
                     id,
                     "no acknowledgement or reconnection in time",
                 );
+            }
+            // A lock whose holder never registers here would block its chunk forever:
+            // after the reconnect grace, its holder is fenced and the chunk recovered.
+            if m.grace_until.lock().is_none() {
+                let rt = m.runtime();
+                let holders: BTreeSet<ClientId> =
+                    rt.locks.locks().into_iter().map(|(_, c)| c).collect();
+                let stale: Vec<ClientId> = {
+                    let clients = m.clients.lock();
+                    let fencing = m.fencing.lock();
+                    let mut orphans = m.orphans.lock();
+                    orphans.retain(|c, _| holders.contains(c) && !clients.contains_key(c));
+                    for c in &holders {
+                        if !clients.contains_key(c) && !fencing.contains(c) {
+                            orphans.entry(*c).or_insert(now);
+                        }
+                    }
+                    orphans
+                        .iter()
+                        .filter(|(c, since)| {
+                            !fencing.contains(c)
+                                && now.saturating_sub(**since) >= self.cfg.reconnect_grace
+                        })
+                        .map(|(c, _)| *c)
+                        .collect()
+                };
+                for id in stale {
+                    m.orphans.lock().remove(&id);
+                    fence::start(
+                        self.clone(),
+                        m.clone(),
+                        id,
+                        "holds locks here but never registered in time",
+                    );
+                }
             }
         }
     }
