@@ -326,11 +326,7 @@ impl Leader {
             // return there: no two live members share a node).
             let stuck = match &reports[*i].present {
                 None => true,
-                Some(n) => t
-                    .members
-                    .iter()
-                    .enumerate()
-                    .any(|(j, o)| j != *i && !o.role.is_dead() && &o.node == n),
+                Some(n) => t.node_taken(*i, n),
             };
             m.role == Role::Dead
                 && stuck

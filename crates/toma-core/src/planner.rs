@@ -233,7 +233,7 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 let Some(node) = &k.members[i].present else {
                     continue;
                 };
-                if node_taken(&next, i, node) {
+                if next.node_taken(i, node) {
                     continue;
                 }
                 let m = &mut next.members[i];
@@ -305,14 +305,6 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
             Ok(Plan::Next(next))
         }
     }
-}
-
-/// True when a live (not DEAD) member other than `idx` already sits on `node`.
-fn node_taken(t: &Topology, idx: MemberIdx, node: &NodeId) -> bool {
-    t.members
-        .iter()
-        .enumerate()
-        .any(|(j, m)| j != idx && !m.role.is_dead() && &m.node == node)
 }
 
 /// Marks `lost` DEAD and keeps the volume serving if it can.

@@ -333,6 +333,15 @@ impl Topology {
         self.members[idx].role
     }
 
+    /// True when a live (not DEAD) member other than `idx` sits on `node`: member `idx`
+    /// cannot be (or return) there, since no two live members of a volume share a node.
+    pub fn node_taken(&self, idx: MemberIdx, node: &NodeId) -> bool {
+        self.members
+            .iter()
+            .enumerate()
+            .any(|(j, m)| j != idx && !m.role.is_dead() && &m.node == node)
+    }
+
     pub fn count(&self, role: Role) -> usize {
         self.members.iter().filter(|m| m.role == role).count()
     }

@@ -258,6 +258,7 @@ impl AgentInner {
         if let Err(e) = self.cp.put_node(node).await {
             debug!(error = %e, "heartbeat not written");
         }
+        let mut records: Option<Option<Vec<DiskRecord>>> = None;
         for d in &self.disks {
             // A disk pulled out of this node, or failing, may see no datapath I/O here (its
             // clients went elsewhere): look at it now and then so its loss is reported.
@@ -288,11 +289,15 @@ impl AgentInner {
             if !healthy {
                 // A disk that failed here may have been plugged into another node since: its
                 // record is then that node's, and this node's stale word must not replace it.
-                let elsewhere = match self.cp.disks().await {
-                    Ok(all) => all
+                // (The records are read once per heartbeat, and only when a disk failed.)
+                if records.is_none() {
+                    records = Some(self.cp.disks().await.ok());
+                }
+                let elsewhere = match records.as_ref().and_then(|r| r.as_ref()) {
+                    Some(all) => all
                         .iter()
                         .any(|r| r.disk == d.id() && r.node != self.cfg.node),
-                    Err(_) => true,
+                    None => true,
                 };
                 if elsewhere {
                     continue;
