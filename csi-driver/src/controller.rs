@@ -225,6 +225,7 @@ impl Controller for ControllerService {
             spec,
             secret,
             topology,
+            growing_to: None,
         };
         match self.cp.create_volume(rec.clone()).await {
             Ok(_) => {}

@@ -37,7 +37,7 @@ use toma_control::{
     Attachment, ControlPlane, CpError, CpResult, DiskRecord, Epoch, MemberStatus, NodeRecord,
     Unreachable, Version, Versioned, VolumeRecord,
 };
-use toma_core::{check_adjacent, DiskId, Topology, VolumeId};
+use toma_core::{check_adjacent, DiskId, Topology, VolumeId, VolumeSpec};
 use toma_crds::convert::{member_statuses, unreachable_reports};
 use toma_crds::{
     MemberReportStatus, SecretRef, TomaDisk, TomaDiskSpec, TomaNode, TomaNodeSpec, TomaTopology,
@@ -312,6 +312,52 @@ impl KubeControlPlane {
             .ok_or(CpError::NoVolume(id))
     }
 
+    /// The TomaVolume of volume `id` and its checked core spec.
+    async fn volume_of(&self, id: VolumeId) -> CpResult<(TomaVolume, VolumeSpec)> {
+        let obj = self.topology_of(id).await?;
+        let vol = match self.volumes.get(&obj.spec.volume).await {
+            Ok(v) => v,
+            Err(e) if status_of(&e) == Some(404) => return Err(CpError::NoVolume(id)),
+            Err(e) => return Err(cp_error("TomaVolume get", e)),
+        };
+        let spec = vol
+            .spec
+            .to_volume_spec()
+            .map_err(|e| CpError::Rejected(format!("TomaVolume {}: {e}", vol.name_any())))?;
+        Ok((vol, spec))
+    }
+
+    /// Merge-patches `vol`'s spec, conditional on its resourceVersion (a concurrent change
+    /// makes it fail with `Conflict`; the caller reads again).
+    async fn patch_volume_spec(&self, vol: &TomaVolume, spec: serde_json::Value) -> CpResult<()> {
+        let name = vol.name_any();
+        let rv = vol.resource_version().unwrap_or_default();
+        let patch = json!({ "metadata": { "resourceVersion": rv }, "spec": spec });
+        match self
+            .volumes
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(self.cfg.field_manager.clone()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if status_of(&e) == Some(409) => Err(CpError::Conflict {
+                volume: vol.spec.id().unwrap_or(VolumeId(0)),
+                expected: rv.parse().unwrap_or(0),
+                actual: 0,
+            }),
+            Err(e) if status_of(&e) == Some(422) => {
+                Err(CpError::Rejected(format!("TomaVolume {name}: {}", e)))
+            }
+            Err(e) => Err(cp_error("TomaVolume patch", e)),
+        }
+    }
+
     async fn patch_topology_status(&self, name: &str, status: serde_json::Value) -> CpResult<()> {
         self.topologies
             .patch_status(
@@ -501,6 +547,7 @@ impl ControlPlane for KubeControlPlane {
                     spec,
                     secret,
                     topology,
+                    growing_to: vol.spec.growing_to,
                 },
             });
         }
@@ -609,6 +656,37 @@ impl ControlPlane for KubeControlPlane {
             Err(e) => e.category(),
         });
         result
+    }
+
+    async fn set_growing(&self, id: VolumeId, size: Option<u64>) -> CpResult<()> {
+        let (vol, spec) = self.volume_of(id).await?;
+        if let Some(s) = size {
+            spec.grown(s)
+                .map_err(|e| CpError::Rejected(format!("volume {}: {e}", vol.name_any())))?;
+        }
+        if vol.spec.growing_to == size {
+            return Ok(());
+        }
+        self.patch_volume_spec(&vol, json!({ "growingTo": size }))
+            .await
+    }
+
+    async fn commit_growth(&self, id: VolumeId, size: u64) -> CpResult<()> {
+        let (vol, spec) = self.volume_of(id).await?;
+        if spec.size == size && vol.spec.growing_to.is_none() {
+            return Ok(());
+        }
+        if vol.spec.growing_to != Some(size) {
+            return Err(CpError::Rejected(format!(
+                "volume {}: no growth to {size} bytes is pending (pending: {:?})",
+                vol.name_any(),
+                vol.spec.growing_to
+            )));
+        }
+        spec.grown(size)
+            .map_err(|e| CpError::Rejected(format!("volume {}: {e}", vol.name_any())))?;
+        self.patch_volume_spec(&vol, json!({ "size": size, "growingTo": null }))
+            .await
     }
 
     async fn acquire_leadership(&self, holder: &str) -> CpResult<Epoch> {
@@ -721,7 +799,13 @@ impl ControlPlane for KubeControlPlane {
     async fn put_member_status(&self, status: MemberStatus) -> CpResult<()> {
         let obj = self.topology_of(status.volume).await?;
         let (disk, report) = MemberReportStatus::from_core(&status);
-        let mut patch = json!({ "members": { disk: report } });
+        let refused = report.grow_refused.is_some();
+        let mut patch = json!({ "members": { &disk: report } });
+        if !refused {
+            // A merge patch keeps what it does not mention: an old refusal is removed
+            // explicitly.
+            patch["members"][&disk]["growRefused"] = serde_json::Value::Null;
+        }
         // Only the progress of the rebuild under the current generation is shown (a report
         // of an older cycle would show 100 % before the new one starts).
         if let Some(r) = status

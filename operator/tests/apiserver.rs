@@ -289,6 +289,7 @@ async fn crds_and_cas_against_a_real_apiserver() {
             spec: VolumeSpec::new(t1.layout, 65536, 16 * 65536).expect("spec"),
             secret: [7; 32],
             topology: t1.clone(),
+            growing_to: None,
         })
         .await
         .expect("create_volume");

@@ -25,6 +25,9 @@ pub struct Disk {
     /// equals what is on disk (or what the failed write tried to put there).
     sb: Mutex<Superblock>,
     members: Mutex<HashMap<(VolumeId, MemberIdx), Arc<MemberRuntime>>>,
+    /// Held by allocation and by the whole of a growth (zeroing included), so that free
+    /// space a growth is zeroing is never allocated to someone else meanwhile.
+    alloc: Mutex<()>,
 }
 
 impl Disk {
@@ -50,6 +53,7 @@ impl Disk {
             dev,
             sb: Mutex::new(sb),
             members: Mutex::new(HashMap::new()),
+            alloc: Mutex::new(()),
         }
     }
 
@@ -190,6 +194,7 @@ impl Disk {
     ) -> Result<Extent, SuperblockError> {
         let device = self.dev.name().to_string();
         let size = self.dev.size();
+        let _alloc = self.alloc.lock();
         self.update(|sb| {
             if let Some(e) = sb.extent(volume, member) {
                 return Err(SuperblockError::AlreadyAllocated {
@@ -229,6 +234,87 @@ impl Disk {
             };
             sb.extents.push(e);
             Ok(e)
+        })
+    }
+
+    /// Grows `volume`'s member `member` in place to `length` bytes (rounded up to 1 MiB):
+    /// the space right after its extent must be free. The new part is written with zeros
+    /// and flushed *before* the longer extent is recorded (persisted), so that it reads as
+    /// zeros whatever the disk held there; the bytes below the old length are not touched.
+    /// A length at or below the current one changes nothing. On refusal nothing changes
+    /// (a failed zeroing only wrote zeros to free space). Blocking; may take a while (it
+    /// writes the whole new part).
+    pub fn grow_extent(
+        &self,
+        volume: VolumeId,
+        member: MemberIdx,
+        length: u64,
+    ) -> Result<Extent, SuperblockError> {
+        let device = self.dev.name().to_string();
+        let size = self.dev.size();
+        let _alloc = self.alloc.lock();
+        let e = self
+            .extent(volume, member)
+            .ok_or_else(|| SuperblockError::NoSuchExtent {
+                device: device.clone(),
+                volume,
+                member,
+            })?;
+        let refuse = |why: String| SuperblockError::CannotGrow {
+            device: device.clone(),
+            volume,
+            member,
+            from: e.length,
+            to: length,
+            why,
+        };
+        let length = length
+            .checked_next_multiple_of(superblock::EXTENT_ALIGN)
+            .ok_or_else(|| refuse("the length overflows".into()))?;
+        if length <= e.length {
+            return Ok(e);
+        }
+        let end = e.offset + length;
+        let limit = size - size % superblock::EXTENT_ALIGN;
+        if end > limit {
+            return Err(refuse(format!(
+                "it would end at byte {end}, past the disk's usable end {limit}"
+            )));
+        }
+        // Extents only change under `alloc` (allocation, growth) or shrink away (free), so
+        // what is free now stays free until this growth is recorded.
+        if let Some(next) = self
+            .extents()
+            .into_iter()
+            .find(|x| x.offset < end && x.end() > e.end())
+        {
+            return Err(refuse(format!(
+                "volume {} member {} holds {}..{} right after it (relocation is not supported)",
+                next.volume,
+                next.member,
+                next.offset,
+                next.end()
+            )));
+        }
+        let zeros = vec![0u8; superblock::EXTENT_ALIGN as usize];
+        let mut at = e.end();
+        while at < end {
+            self.dev.write_at(&zeros, at)?;
+            at += superblock::EXTENT_ALIGN;
+        }
+        self.dev.flush()?;
+        self.update(|sb| {
+            let x = sb
+                .extents
+                .iter_mut()
+                .find(|x| x.volume == volume && x.member == member)
+                .ok_or(SuperblockError::NoSuchExtent {
+                    device: device.clone(),
+                    volume,
+                    member,
+                })?;
+            x.length = length;
+            Ok(*x)
         })
     }
 

@@ -331,7 +331,7 @@ impl LocalCluster {
                 }
                 let disk = m.disk.clone();
                 let idx = m.idx();
-                let len = m.spec.member_bytes();
+                let len = m.spec().member_bytes();
                 let data = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     disk.read_member(id, idx, 0, &mut buf).map(|_| buf)
@@ -410,6 +410,7 @@ pub async fn create_volume(
         spec,
         secret,
         topology,
+        growing_to: None,
     })
     .await
     .map_err(|e| e.to_string())?;

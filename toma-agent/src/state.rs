@@ -53,7 +53,8 @@ const SHARDS: usize = 16;
 /// shows up in [`locks_of`](Self::locks_of), or fails with [`StateError::Fenced`]).
 #[derive(Debug)]
 pub struct LockTable {
-    units: u64,
+    /// Grows with the member's extent (volume expansion), never shrinks.
+    units: AtomicU64,
     shards: Vec<Mutex<HashMap<u64, ClientId>>>,
     fenced: RwLock<HashSet<ClientId>>,
 }
@@ -61,14 +62,19 @@ pub struct LockTable {
 impl LockTable {
     pub fn new(units: u64) -> Self {
         LockTable {
-            units,
+            units: AtomicU64::new(units),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             fenced: RwLock::new(HashSet::new()),
         }
     }
 
     pub fn units(&self) -> u64 {
-        self.units
+        self.units.load(Ordering::Acquire)
+    }
+
+    /// Lets the table hold `units` units (no-op if it holds that many already).
+    pub fn grow(&self, units: u64) {
+        self.units.fetch_max(units, Ordering::AcqRel);
     }
 
     fn shard(&self, unit: u64) -> &Mutex<HashMap<u64, ClientId>> {
@@ -76,11 +82,9 @@ impl LockTable {
     }
 
     fn check_unit(&self, unit: u64) -> Result<(), StateError> {
-        if unit >= self.units {
-            return Err(StateError::UnitOutOfRange {
-                unit,
-                units: self.units,
-            });
+        let units = self.units();
+        if unit >= units {
+            return Err(StateError::UnitOutOfRange { unit, units });
         }
         Ok(())
     }
@@ -255,24 +259,37 @@ impl ActivityLog for NoLog {
     }
 }
 
-/// A compact bitset of `len` bits with atomic set/clear and a maintained count.
+/// A compact bitset of `len` bits with atomic set/clear and a maintained count. It can grow
+/// (volume expansion): the words sit behind a read-write lock that only growth writes.
 #[derive(Debug)]
 struct AtomicBits {
-    words: Vec<AtomicU64>,
+    words: RwLock<Vec<AtomicU64>>,
     count: AtomicU64,
 }
 
 impl AtomicBits {
     fn new(len: u64) -> Self {
         AtomicBits {
-            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: RwLock::new((0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
             count: AtomicU64::new(0),
         }
+    }
+    /// Holds at least `len` bits (new bits clear).
+    fn grow(&self, len: u64) {
+        let n = len.div_ceil(64) as usize;
+        let mut w = self.words.write();
+        while w.len() < n {
+            w.push(AtomicU64::new(0));
+        }
+    }
+    /// Word `wi`, if there is one.
+    fn word(&self, wi: usize) -> Option<u64> {
+        self.words.read().get(wi).map(|w| w.load(Ordering::Acquire))
     }
     /// Returns whether the bit changed.
     fn set(&self, i: u64) -> bool {
         let m = 1u64 << (i % 64);
-        let old = self.words[(i / 64) as usize].fetch_or(m, Ordering::AcqRel);
+        let old = self.words.read()[(i / 64) as usize].fetch_or(m, Ordering::AcqRel);
         let changed = old & m == 0;
         if changed {
             self.count.fetch_add(1, Ordering::AcqRel);
@@ -281,7 +298,7 @@ impl AtomicBits {
     }
     fn clear(&self, i: u64) -> bool {
         let m = 1u64 << (i % 64);
-        let old = self.words[(i / 64) as usize].fetch_and(!m, Ordering::AcqRel);
+        let old = self.words.read()[(i / 64) as usize].fetch_and(!m, Ordering::AcqRel);
         let changed = old & m != 0;
         if changed {
             self.count.fetch_sub(1, Ordering::AcqRel);
@@ -289,7 +306,7 @@ impl AtomicBits {
         changed
     }
     fn get(&self, i: u64) -> bool {
-        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
+        self.words.read()[(i / 64) as usize].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
     }
 }
 
@@ -300,7 +317,8 @@ impl AtomicBits {
 /// marks a unit dirty for every DEAD member at once. Members are limited to 64.
 #[derive(Debug)]
 pub struct DirtyBitmap {
-    units: u64,
+    /// Grows with the member's extent (volume expansion), never shrinks.
+    units: AtomicU64,
     per_target: Vec<AtomicBits>,
     log: Arc<dyn ActivityLog>,
 }
@@ -314,14 +332,27 @@ impl DirtyBitmap {
     pub fn with_log(units: u64, members: usize, log: Arc<dyn ActivityLog>) -> Self {
         let members = members.min(64);
         DirtyBitmap {
-            units,
+            units: AtomicU64::new(units),
             per_target: (0..members).map(|_| AtomicBits::new(units)).collect(),
             log,
         }
     }
 
     pub fn units(&self) -> u64 {
-        self.units
+        self.units.load(Ordering::Acquire)
+    }
+
+    /// Holds `units` units per target from now on (new units clean; no-op if it holds that
+    /// many already). The words grow before the bound, so a unit below the bound always
+    /// has its word.
+    pub fn grow(&self, units: u64) {
+        if units <= self.units() {
+            return;
+        }
+        for b in &self.per_target {
+            b.grow(units);
+        }
+        self.units.fetch_max(units, Ordering::AcqRel);
     }
 
     pub fn members(&self) -> usize {
@@ -329,11 +360,9 @@ impl DirtyBitmap {
     }
 
     fn check(&self, unit: u64, targets: u64) -> Result<(), StateError> {
-        if unit >= self.units {
-            return Err(StateError::UnitOutOfRange {
-                unit,
-                units: self.units,
-            });
+        let units = self.units();
+        if unit >= units {
+            return Err(StateError::UnitOutOfRange { unit, units });
         }
         let members = self.per_target.len();
         if members < 64 && targets >> members != 0 {
@@ -384,7 +413,7 @@ impl DirtyBitmap {
     }
 
     pub fn is_dirty(&self, unit: u64, target: MemberIdx) -> bool {
-        unit < self.units
+        unit < self.units()
             && self
                 .per_target
                 .get(target)
@@ -394,7 +423,7 @@ impl DirtyBitmap {
     /// Every unit dirty for `target`: it is a NEW disk (Rebuild-init), a full rebuild.
     pub fn set_all(&self, target: MemberIdx) -> Result<(), StateError> {
         let bits = self.check_target(target)?;
-        for unit in 0..self.units {
+        for unit in 0..self.units() {
             if !bits.get(unit) {
                 self.log.before_set(target, unit)?;
                 bits.set(unit);
@@ -407,7 +436,7 @@ impl DirtyBitmap {
     /// [`set_all`](Self::set_all), or leaving the volume).
     pub fn clear_all(&self, target: MemberIdx) -> Result<(), StateError> {
         let bits = self.check_target(target)?;
-        for unit in 0..self.units {
+        for unit in 0..self.units() {
             bits.clear(unit);
         }
         Ok(())
@@ -424,29 +453,25 @@ impl DirtyBitmap {
     /// 64-bit word at a time, so it sees concurrent changes made ahead of it; the rebuild
     /// loop (lock, copy, clear, unlock) is fine with that.
     pub fn iter_dirty(&self, target: MemberIdx) -> impl Iterator<Item = u64> + '_ {
-        let words: &[AtomicU64] = self
-            .per_target
-            .get(target)
-            .map_or(&[], |b| b.words.as_slice());
-        let units = self.units;
-        words.iter().enumerate().flat_map(move |(wi, w)| {
-            let mut v = w.load(Ordering::Acquire);
-            std::iter::from_fn(move || {
-                if v == 0 {
-                    return None;
-                }
+        let bits = self.per_target.get(target);
+        let units = self.units();
+        let (mut wi, mut v) = (0usize, 0u64);
+        std::iter::from_fn(move || loop {
+            if v != 0 {
                 let bit = v.trailing_zeros() as u64;
                 v &= v - 1;
-                Some(wi as u64 * 64 + bit)
-            })
-            .filter(move |u| *u < units)
+                return Some((wi as u64 - 1) * 64 + bit);
+            }
+            v = bits?.word(wi)?;
+            wi += 1;
         })
+        .filter(move |u| *u < units)
     }
 
     /// The bits of `target` for `units` (clamped to the member's units), LSB first within
     /// each byte: bit `i` is unit `units.start + i` (the `DIRTY` reply's format).
     pub fn bits_in(&self, target: MemberIdx, units: std::ops::Range<u64>) -> Vec<u8> {
-        let end = units.end.min(self.units);
+        let end = units.end.min(self.units());
         let start = units.start.min(end);
         let mut out = vec![0u8; ((end - start) as usize).div_ceil(8)];
         if let Some(bits) = self.per_target.get(target) {
@@ -464,7 +489,11 @@ impl DirtyBitmap {
     /// writing it to disk.
     pub fn export(&self, target: MemberIdx) -> Vec<u64> {
         self.per_target.get(target).map_or(Vec::new(), |b| {
-            b.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+            b.words
+                .read()
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect()
         })
     }
 
@@ -476,7 +505,7 @@ impl DirtyBitmap {
             while v != 0 {
                 let unit = wi as u64 * 64 + v.trailing_zeros() as u64;
                 v &= v - 1;
-                if unit < self.units {
+                if unit < self.units() {
                     bits.set(unit);
                 }
             }
@@ -493,6 +522,12 @@ pub struct MemberRuntime {
 }
 
 impl MemberRuntime {
+    /// Lets the locks and dirty bits cover `units` units (the member's extent grew).
+    pub fn grow(&self, units: u64) {
+        self.dirty.grow(units);
+        self.locks.grow(units);
+    }
+
     pub fn new(units: u64, members: usize) -> Self {
         MemberRuntime {
             locks: LockTable::new(units),
@@ -641,5 +676,33 @@ mod tests {
         d.set(3, 0b11).unwrap();
         d.set(3, 0b11).unwrap();
         assert_eq!(*log.0.lock(), vec![(0, 3), (1, 3)]);
+    }
+
+    #[test]
+    fn growing_keeps_every_lock_and_dirty_bit_and_adds_clean_units() {
+        let rt = MemberRuntime::new(100, 2);
+        rt.locks.lock(99, A).unwrap();
+        rt.dirty.set(99, 0b10).unwrap();
+        rt.dirty.set(3, 0b01).unwrap();
+        assert!(matches!(
+            rt.locks.lock(100, A),
+            Err(StateError::UnitOutOfRange {
+                unit: 100,
+                units: 100
+            })
+        ));
+        assert!(rt.dirty.set(150, 0b01).is_err());
+        rt.grow(300);
+        rt.grow(200); // never shrinks
+        assert_eq!((rt.locks.units(), rt.dirty.units()), (300, 300));
+        assert_eq!(rt.locks.holder(99), Some(A));
+        assert!(rt.dirty.is_dirty(99, 1) && rt.dirty.is_dirty(3, 0));
+        assert_eq!(rt.dirty.count(0) + rt.dirty.count(1), 2);
+        assert!((100..300).all(|u| !rt.dirty.is_dirty(u, 0) && !rt.dirty.is_dirty(u, 1)));
+        rt.locks.lock(299, B).unwrap();
+        rt.dirty.set(299, 0b01).unwrap();
+        assert_eq!(rt.dirty.iter_dirty(0).collect::<Vec<_>>(), vec![3, 299]);
+        rt.dirty.set_all(1).unwrap();
+        assert_eq!(rt.dirty.count(1), 300);
     }
 }

@@ -212,6 +212,15 @@ pub enum SuperblockError {
         member: MemberIdx,
         length: u64,
     },
+    #[error("disk {device}: volume {volume} member {member} cannot grow in place from {from} to {to} bytes: {why}")]
+    CannotGrow {
+        device: String,
+        volume: VolumeId,
+        member: MemberIdx,
+        from: u64,
+        to: u64,
+        why: String,
+    },
     #[error("disk {device}: the superblock is full ({MAX_EXTENTS} extents); use another disk")]
     TooManyExtents { device: String },
     #[error("disk {device}: extent length must be > 0 (volume {volume} member {member})")]

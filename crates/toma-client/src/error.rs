@@ -11,6 +11,8 @@ pub enum ClientError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("member {0} refused the request: {1}")]
     Member(MemberIdx, String),
+    #[error("volume {0}: cannot use the size: {1}")]
+    Size(VolumeId, toma_core::LayoutError),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("control plane: {0}")]

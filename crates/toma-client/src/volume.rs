@@ -84,7 +84,11 @@ struct Link {
 struct Inner {
     cfg: ClientConfig,
     volume: VolumeId,
+    /// Layout and chunk size; its `size` is the size at attach (see `size`).
     spec: VolumeSpec,
+    /// The volume's size now: it grows when an expansion is committed and this client
+    /// learns it ([`VolumeClient::refresh_size`], [`VolumeClient::grow_to`]).
+    size: AtomicU64,
     secret: Secret,
     cp: Arc<dyn ControlPlane>,
     transport: Arc<dyn Transport>,
@@ -168,6 +172,7 @@ impl VolumeClient {
         let inner = Arc::new(Inner {
             volume,
             spec: rec.spec,
+            size: AtomicU64::new(rec.spec.size),
             secret: Secret(rec.secret),
             cp,
             transport,
@@ -226,8 +231,38 @@ impl VolumeClient {
         tokio::time::timeout(max, wait).await.unwrap_or(false)
     }
 
+    /// The volume's spec, with the size this client uses now.
     pub fn spec(&self) -> VolumeSpec {
-        self.inner.spec
+        self.inner.spec_now()
+    }
+
+    /// Lets this client use `size` bytes (a committed expansion it was told about). A size
+    /// below the current one, or one that is not a multiple of the lock unit, is refused
+    /// and changes nothing. Returns the size in use.
+    pub fn grow_to(&self, size: u64) -> Result<u64, ClientError> {
+        let cur = self.inner.spec_now();
+        let g = cur
+            .grown(size)
+            .map_err(|e| ClientError::Size(self.inner.volume, e))?;
+        self.inner.size.fetch_max(g.size, Ordering::AcqRel);
+        Ok(self.inner.spec_now().size)
+    }
+
+    /// Reads the volume's committed size from the control plane and uses it (a volume
+    /// never shrinks; a pending growth is not used until committed). Returns the size in use.
+    pub async fn refresh_size(&self) -> Result<u64, ClientError> {
+        let rec = self
+            .inner
+            .cp
+            .volume(self.inner.volume)
+            .await
+            .map_err(|e| ClientError::ControlPlane(e.to_string()))?
+            .ok_or(ClientError::UnknownVolume(self.inner.volume))?
+            .value;
+        if rec.spec.size <= self.inner.spec_now().size {
+            return Ok(self.inner.spec_now().size);
+        }
+        self.grow_to(rec.spec.size)
     }
 
     pub fn client_id(&self) -> ClientId {
@@ -253,11 +288,12 @@ impl VolumeClient {
 
     fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
         let end = offset.checked_add(len as u64);
-        if len == 0 || end.is_none_or(|e| e > self.inner.spec.size) {
+        let size = self.inner.size.load(Ordering::Acquire);
+        if len == 0 || end.is_none_or(|e| e > size) {
             return Err(ClientError::OutOfRange {
                 offset,
                 len: len as u64,
-                size: self.inner.spec.size,
+                size,
             });
         }
         Ok(())
@@ -371,6 +407,13 @@ impl VolumeClient {
 }
 
 impl Inner {
+    fn spec_now(&self) -> VolumeSpec {
+        VolumeSpec {
+            size: self.size.load(Ordering::Acquire),
+            ..self.spec
+        }
+    }
+
     fn current(&self) -> Arc<Topology> {
         self.topo.borrow().clone()
     }
@@ -926,7 +969,7 @@ impl Inner {
         };
         let chunk = u64::from(self.spec.chunk_size);
         let offset = unit * chunk;
-        let len = chunk.min(self.spec.member_bytes().saturating_sub(offset));
+        let len = chunk.min(self.spec_now().member_bytes().saturating_sub(offset));
         if len == 0 {
             return Ok(0);
         }

@@ -64,6 +64,15 @@ pub trait ControlPlane: Send + Sync + 'static {
         topology: Topology,
     ) -> CpResult<Version>;
 
+    /// Records that volume `id` grows to `size` bytes (`None` abandons a pending growth).
+    /// Refused (`Rejected`, naming both sizes) when `size` is below the visible size or not
+    /// a multiple of the lock unit. The visible size does not change.
+    async fn set_growing(&self, id: VolumeId, size: Option<u64>) -> CpResult<()>;
+    /// Makes the pending growth to `size` visible: `spec.size = size`, nothing pending.
+    /// Refused unless `size` is the pending target. Callers check `toma_core::growth_state`
+    /// first.
+    async fn commit_growth(&self, id: VolumeId, size: u64) -> CpResult<()>;
+
     // Leadership.
     /// Takes the leadership and returns the new epoch (embedded: always succeeds).
     async fn acquire_leadership(&self, holder: &str) -> CpResult<Epoch>;

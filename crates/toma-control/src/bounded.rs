@@ -69,6 +69,14 @@ impl ControlPlane for Bounded {
         )
         .await
     }
+    async fn set_growing(&self, id: VolumeId, size: Option<u64>) -> CpResult<()> {
+        self.within("set_growing", self.inner.set_growing(id, size))
+            .await
+    }
+    async fn commit_growth(&self, id: VolumeId, size: u64) -> CpResult<()> {
+        self.within("commit_growth", self.inner.commit_growth(id, size))
+            .await
+    }
     async fn acquire_leadership(&self, holder: &str) -> CpResult<Epoch> {
         self.within("acquire_leadership", self.inner.acquire_leadership(holder))
             .await

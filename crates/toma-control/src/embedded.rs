@@ -111,6 +111,55 @@ impl ControlPlane for EmbeddedControlPlane {
         Ok(())
     }
 
+    async fn set_growing(&self, id: VolumeId, size: Option<u64>) -> CpResult<()> {
+        let mut st = self.state.lock();
+        let Some(cur) = st.volumes.get_mut(&id) else {
+            return Err(CpError::NoVolume(id));
+        };
+        if let Some(s) = size {
+            cur.value
+                .spec
+                .grown(s)
+                .map_err(|e| CpError::Rejected(format!("volume {id}: {e}")))?;
+        }
+        if cur.value.growing_to == size {
+            return Ok(());
+        }
+        cur.value.growing_to = size;
+        let v = self.bump(&mut st);
+        if let Some(cur) = st.volumes.get_mut(&id) {
+            cur.version = v;
+        }
+        Ok(())
+    }
+
+    async fn commit_growth(&self, id: VolumeId, size: u64) -> CpResult<()> {
+        let mut st = self.state.lock();
+        let Some(cur) = st.volumes.get_mut(&id) else {
+            return Err(CpError::NoVolume(id));
+        };
+        if cur.value.spec.size == size && cur.value.growing_to.is_none() {
+            return Ok(());
+        }
+        if cur.value.growing_to != Some(size) {
+            return Err(CpError::Rejected(format!(
+                "volume {id}: no growth to {size} bytes is pending (pending: {:?})",
+                cur.value.growing_to
+            )));
+        }
+        cur.value.spec = cur
+            .value
+            .spec
+            .grown(size)
+            .map_err(|e| CpError::Rejected(format!("volume {id}: {e}")))?;
+        cur.value.growing_to = None;
+        let v = self.bump(&mut st);
+        if let Some(cur) = st.volumes.get_mut(&id) {
+            cur.version = v;
+        }
+        Ok(())
+    }
+
     async fn cas_topology(
         &self,
         id: VolumeId,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod bounded;
 pub mod clock;
 pub mod embedded;
+pub mod growth;
 pub mod leader;
 pub mod records;
 
@@ -14,5 +15,6 @@ pub use api::{ControlPlane, CpError, CpResult};
 pub use bounded::Bounded;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use embedded::EmbeddedControlPlane;
+pub use growth::{grow_volume, GrowError};
 pub use leader::{Leader, LeaderConfig, Transition, TransitionHook};
 pub use records::*;

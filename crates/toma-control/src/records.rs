@@ -18,6 +18,19 @@ pub struct VolumeRecord {
     /// Clients must present it to register on a member.
     pub secret: [u8; 32],
     pub topology: Topology,
+    /// A pending growth: the size (bytes) the volume is growing to. Clients keep using
+    /// `spec.size` until the growth is committed (`toma_core::growth`).
+    pub growing_to: Option<u64>,
+}
+
+impl VolumeRecord {
+    /// The bytes each member's extent must hold: enough for the pending growth too.
+    pub fn extent_bytes(&self) -> u64 {
+        match self.growing_to.and_then(|s| self.spec.grown(s).ok()) {
+            Some(g) => g.member_bytes().max(self.spec.member_bytes()),
+            None => self.spec.member_bytes(),
+        }
+    }
 }
 
 /// A stored value with its version.
@@ -87,6 +100,10 @@ pub struct MemberStatus {
     /// was degraded).
     pub dirty_bits_lost: bool,
     pub rebuild: Option<RebuildProgress>,
+    /// The member's extent length on its disk (bytes).
+    pub extent_bytes: u64,
+    /// The TOMA could not grow the extent to `.0` bytes, and why.
+    pub grow_refused: Option<(u64, String)>,
 }
 
 /// A client could not reach a member; reported through the TOMAs it can reach.

@@ -51,6 +51,7 @@ async fn setup() -> (
         spec,
         secret: [7; 32],
         topology: t,
+        growing_to: None,
     })
     .await
     .unwrap();
@@ -76,6 +77,8 @@ async fn sync_all(cp: &EmbeddedControlPlane, id: VolumeId, rebuild: Option<Rebui
             boot: 1,
             dirty_bits_lost: false,
             rebuild,
+            extent_bytes: 0,
+            grow_refused: None,
         })
         .await
         .unwrap();

@@ -16,6 +16,8 @@ fn status(node: &str, synced: u64) -> MemberStatus {
         boot: 1,
         dirty_bits_lost: false,
         rebuild: None,
+        extent_bytes: 0,
+        grow_refused: None,
     }
 }
 

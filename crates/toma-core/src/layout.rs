@@ -31,6 +31,8 @@ pub enum LayoutError {
         "size = {got}: a volume's size must be a positive multiple of its lock unit ({unit} bytes)"
     )]
     Size { got: u64, unit: u64 },
+    #[error("size = {to}: a volume never shrinks (it is {from} bytes); ask for at least {from}")]
+    Shrink { from: u64, to: u64 },
 }
 
 /// How a volume protects its data.
@@ -160,6 +162,18 @@ impl VolumeSpec {
     /// Bytes each member stores (its extent length).
     pub fn member_bytes(&self) -> u64 {
         self.units() * u64::from(self.chunk_size)
+    }
+
+    /// This spec grown to `size` bytes: the same layout and chunk size. Refuses a smaller
+    /// size (data would be lost) and one that is not a multiple of the lock unit.
+    pub fn grown(&self, size: u64) -> Result<Self, LayoutError> {
+        if size < self.size {
+            return Err(LayoutError::Shrink {
+                from: self.size,
+                to: size,
+            });
+        }
+        VolumeSpec::new(self.layout, u64::from(self.chunk_size), size)
     }
 
     /// Lock unit that holds volume byte `offset`.

@@ -7,12 +7,14 @@
 
 pub mod adjacent;
 pub mod allocate;
+pub mod growth;
 pub mod layout;
 pub mod placement;
 pub mod planner;
 pub mod topology;
 
 pub use adjacent::{check_adjacent, Rule, Violation};
+pub use growth::{growth_state, GrowthState, MemberExtent};
 pub use layout::{Layout, LayoutError, VolumeSpec, BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
 pub use placement::{
     clears_dirty, clears_dirty_after, home, locks, read_member, sets_dirty, write_members,

@@ -13,8 +13,8 @@ use toma_core::{
 use crate::disk::{TomaDiskSpec, TomaDiskStatus};
 use crate::node::{TomaNodeSpec, TomaNodeStatus};
 use crate::topology::{
-    LockModeKind, MemberReportStatus, PhaseKind, RebuildStatus, RoleKind, TomaTopologySpec,
-    TopologyMember, UnreachableReport,
+    GrowRefusal, LockModeKind, MemberReportStatus, PhaseKind, RebuildStatus, RoleKind,
+    TomaTopologySpec, TopologyMember, UnreachableReport,
 };
 use crate::volume::{LayoutKind, TomaVolumeSpec};
 
@@ -98,7 +98,9 @@ impl TomaVolumeSpec {
         VolumeSpec::new(layout, self.chunk_size, self.size).map_err(|e| {
             let field = match e {
                 toma_core::LayoutError::ChunkSize { .. } => "spec.chunkSize",
-                toma_core::LayoutError::Size { .. } => "spec.size",
+                toma_core::LayoutError::Size { .. } | toma_core::LayoutError::Shrink { .. } => {
+                    "spec.size"
+                }
                 toma_core::LayoutError::Mirrors { .. } => "spec.mirrors",
                 toma_core::LayoutError::Raid6Data { .. } => "spec.dataMembers",
             };
@@ -116,6 +118,7 @@ impl TomaVolumeSpec {
             data_members,
             chunk_size: u64::from(spec.chunk_size),
             size: spec.size,
+            growing_to: None,
             secret_ref,
         }
     }
@@ -349,6 +352,11 @@ impl MemberReportStatus {
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
                 rebuild: s.rebuild.map(Into::into),
+                extent_bytes: s.extent_bytes,
+                grow_refused: s.grow_refused.as_ref().map(|(w, r)| GrowRefusal {
+                    want_bytes: *w,
+                    reason: r.clone(),
+                }),
             },
         )
     }
@@ -371,6 +379,11 @@ pub fn member_statuses(
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
                 rebuild: s.rebuild.as_ref().map(Into::into),
+                extent_bytes: s.extent_bytes,
+                grow_refused: s
+                    .grow_refused
+                    .as_ref()
+                    .map(|g| (g.want_bytes, g.reason.clone())),
             })
         })
         .collect()
@@ -520,6 +533,8 @@ mod tests {
                 bytes_per_sec: 10,
                 finished: false,
             }),
+            extent_bytes: 1 << 20,
+            grow_refused: Some((2 << 20, "extent 3 follows it".into())),
         };
         let (k, v) = MemberReportStatus::from_core(&s);
         let map = BTreeMap::from([(k, v)]);

@@ -27,8 +27,9 @@ pub use convert::ConvertError;
 pub use disk::{TomaDisk, TomaDiskSpec, TomaDiskStatus};
 pub use node::{TomaNode, TomaNodeSpec, TomaNodeStatus};
 pub use topology::{
-    AttachmentStatus, LockModeKind, MemberReportStatus, PhaseKind, RebuildStatus, RoleKind,
-    TomaTopology, TomaTopologySpec, TomaTopologyStatus, TopologyMember, UnreachableReport,
+    AttachmentStatus, GrowRefusal, LockModeKind, MemberReportStatus, PhaseKind, RebuildStatus,
+    RoleKind, TomaTopology, TomaTopologySpec, TomaTopologyStatus, TopologyMember,
+    UnreachableReport,
 };
 pub use volume::{LayoutKind, SecretRef, TomaVolume, TomaVolumeSpec};
 

@@ -207,6 +207,20 @@ pub struct MemberReportStatus {
     pub dirty_bits_lost: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildStatus>,
+    /// The member's extent length on its disk (bytes).
+    #[serde(default)]
+    pub extent_bytes: u64,
+    /// The extent could not grow in place (expansion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grow_refused: Option<GrowRefusal>,
+}
+
+/// Why a member's extent could not grow to `wantBytes`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrowRefusal {
+    pub want_bytes: u64,
+    pub reason: String,
 }
 
 /// A client could not reach a member, under this generation.

@@ -51,7 +51,12 @@ pub struct SecretRef {
 #[x_kube(validation = Rule::new("self.size % (self.chunkSize * (self.layout == 'raid6' && has(self.dataMembers) ? self.dataMembers : 1)) == 0")
     .message("spec.size must be a multiple of the lock unit: chunkSize (raid1) or chunkSize * dataMembers (raid6)")
     .field_path(".size"))]
-#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable (a volume's layout, size and secret never change; expansion is a new TomaVolume revision)"))]
+#[x_kube(validation = Rule::new("self.volumeId == oldSelf.volumeId && self.layout == oldSelf.layout && self.chunkSize == oldSelf.chunkSize && self.secretRef == oldSelf.secretRef && has(self.mirrors) == has(oldSelf.mirrors) && (!has(self.mirrors) || self.mirrors == oldSelf.mirrors) && has(self.dataMembers) == has(oldSelf.dataMembers) && (!has(self.dataMembers) || self.dataMembers == oldSelf.dataMembers)")
+    .message("only spec.size (growing) and spec.growingTo may change: a volume's id, layout, chunk size and secret never change"))]
+#[x_kube(validation = Rule::new("self.size >= oldSelf.size").message("spec.size never decreases: a volume does not shrink").field_path(".size"))]
+#[x_kube(validation = Rule::new("!has(self.growingTo) || (self.growingTo >= self.size && self.growingTo % (self.chunkSize * (self.layout == 'raid6' && has(self.dataMembers) ? self.dataMembers : 1)) == 0)")
+    .message("spec.growingTo must be at least spec.size and a multiple of the lock unit")
+    .field_path(".growingTo"))]
 #[serde(rename_all = "camelCase")]
 pub struct TomaVolumeSpec {
     /// The volume UUID (`8-4-4-4-12` lowercase hex), also recorded in every member's
@@ -77,5 +82,9 @@ pub struct TomaVolumeSpec {
     /// Usable bytes: a positive multiple of the lock unit.
     #[schemars(range(min = 1))]
     pub size: u64,
+    /// A pending expansion: the size the members' extents are growing to. `size` becomes
+    /// it once every member's extent has grown (and its new part is zeroed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growing_to: Option<u64>,
     pub secret_ref: SecretRef,
 }

@@ -268,6 +268,7 @@ impl World {
                 spec,
                 secret,
                 topology,
+                growing_to: None,
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -297,7 +297,7 @@ async fn handle(
             ),
         );
     }
-    let units = m.spec.units();
+    let units = m.spec().units();
     let unit_ok = |u: u64| {
         if u < units {
             Ok(())

@@ -2,6 +2,7 @@
 //! registered clients and their acknowledgements, and its RAM locks and dirty bits.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,9 @@ pub struct ClientEntry {
 pub struct Member {
     pub volume: VolumeId,
     pub name: String,
-    pub spec: VolumeSpec,
+    /// The volume's spec with its size as clients see it now (it grows when an expansion
+    /// is committed; see `grow.rs`).
+    pub spec: Mutex<VolumeSpec>,
     pub secret: Secret,
     pub disk: Arc<Disk>,
     pub idx: Mutex<MemberIdx>,
@@ -51,9 +54,17 @@ pub struct Member {
     /// Lock holders that are not registered here (locks copied from another member, or
     /// left by an identity the client dropped), with when this agent first saw them so.
     pub orphans: Mutex<BTreeMap<ClientId, Duration>>,
+    /// A growth of the extent is running (zeroing the new part).
+    pub growing: AtomicBool,
+    /// The extent could not grow to `.0` bytes (reported until the growth is abandoned).
+    pub grow_refused: Mutex<Option<(u64, String)>>,
 }
 
 impl Member {
+    pub fn spec(&self) -> VolumeSpec {
+        *self.spec.lock()
+    }
+
     pub fn idx(&self) -> MemberIdx {
         *self.idx.lock()
     }

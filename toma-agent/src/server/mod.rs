@@ -8,6 +8,7 @@
 
 mod conn;
 mod fence;
+mod grow;
 mod member;
 mod rebuild;
 
@@ -369,6 +370,9 @@ impl AgentInner {
                 }
                 None => self.host(&rec, idx, disk).await,
             }
+            if let Some(m) = self.member(rec.id) {
+                grow::sync(self, &m, &rec).await;
+            }
         }
         // Volumes that are gone: free their extents.
         let gone: Vec<Arc<Member>> = self
@@ -394,7 +398,8 @@ impl AgentInner {
         let t = rec.topology.clone();
         let had_extent = disk.extent(rec.id, idx).is_some();
         if !had_extent {
-            let (d, vol, len, g) = (disk.clone(), rec.id, rec.spec.member_bytes(), t.generation);
+            // Big enough for a pending growth too (see grow.rs).
+            let (d, vol, len, g) = (disk.clone(), rec.id, rec.extent_bytes(), t.generation);
             match disk_io(&disk, move || d.allocate_extent(vol, idx, len, g)).await {
                 Ok(Ok(e)) => {
                     info!(volume = %rec.name, member = idx, offset = e.offset, length = e.length, "extent allocated");
@@ -409,7 +414,12 @@ impl AgentInner {
                 }
             }
         }
-        let units = rec.spec.units();
+        // Locks and dirty bits cover the whole extent (it may be longer than the volume's
+        // size while a growth is pending).
+        let units = disk
+            .extent(rec.id, idx)
+            .map_or(0, |e| e.length / u64::from(rec.spec.chunk_size))
+            .max(rec.spec.units());
         let runtime = Arc::new(MemberRuntime::new(units, t.n()));
         let now = self.now();
         let role = t.members[idx].role;
@@ -441,7 +451,7 @@ impl AgentInner {
         let m = Arc::new(Member {
             volume: rec.id,
             name: rec.name.clone(),
-            spec: rec.spec,
+            spec: Mutex::new(rec.spec),
             secret: Secret(rec.secret),
             disk: disk.clone(),
             idx: Mutex::new(idx),
@@ -458,6 +468,8 @@ impl AgentInner {
             rebuild: Mutex::new(None),
             fencing: Mutex::new(Vec::new()),
             orphans: Mutex::new(BTreeMap::new()),
+            growing: AtomicBool::new(false),
+            grow_refused: Mutex::new(None),
         });
         info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, "hosting member");
         self.members.lock().insert(rec.id, m.clone());
@@ -484,7 +496,8 @@ impl AgentInner {
         let old_role = old.members.get(idx).map(|x| x.role).unwrap_or(Role::Dead);
         // Rebuild-init, on the returning member: forget its locks and dirty bits.
         if role == Role::W && old_role == Role::Dead {
-            *m.runtime.lock() = Arc::new(MemberRuntime::new(m.spec.units(), t.n()));
+            let units = m.runtime().locks.units();
+            *m.runtime.lock() = Arc::new(MemberRuntime::new(units, t.n()));
         }
         // Rebuild-init, on a readable member: a NEW disk (or lost bits) is all dirty.
         if role == Role::Rwl {
@@ -618,6 +631,8 @@ impl AgentInner {
                 boot: self.boot,
                 dirty_bits_lost: *m.dirty_bits_lost.lock(),
                 rebuild: *m.rebuild.lock(),
+                extent_bytes: m.disk.extent(m.volume, idx).map_or(0, |e| e.length),
+                grow_refused: m.grow_refused.lock().clone(),
             };
             if let Err(e) = self.cp.put_member_status(status).await {
                 debug!(error = %e, "status not written");

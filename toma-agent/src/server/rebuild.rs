@@ -65,7 +65,8 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
     let targets: Vec<usize> = t.members_with(Role::W).collect();
     let holders: Vec<usize> = t.members_with(Role::Rwl).collect();
     let rt = m.runtime();
-    let units = m.spec.units();
+    // Every unit the RAM state covers (the member's extent; at least the volume's size).
+    let units = rt.dirty.units();
 
     // Merge the other holders' bitmaps into ours.
     for &h in holders.iter().filter(|&&h| h != me) {
