@@ -7,18 +7,21 @@ use std::time::Duration;
 
 use csi_proto::v1;
 use csi_proto::v1::controller_server::Controller;
-use toma_control::{ControlPlane, CpError, VolumeRecord};
+use toma_control::{grow_volume, ControlPlane, CpError, GrowError, VolumeRecord};
 use toma_core::allocate::{choose_disks, Candidate};
 use toma_core::topology::parse_uuid;
 use toma_core::{Layout, Topology, VolumeId, VolumeSpec};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::params::{object_name, VolumeParams, FS_TYPES};
+use crate::params::{expand_size, object_name, VolumeParams, FS_TYPES};
 use crate::{cp_status, topology_segment, TOPOLOGY_KEY};
 
 /// How long CreateVolume waits for every member's agent to host its extent.
 pub const PLACE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one ControllerExpandVolume waits for every member's extent to grow before it
+/// answers `Unavailable` (the growth stays pending; the retry resumes it).
+pub const EXPAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ControllerService {
     pub cp: Arc<dyn ControlPlane>,
@@ -359,14 +362,18 @@ impl Controller for ControllerService {
         _: Request<v1::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<v1::ControllerGetCapabilitiesResponse>, Status> {
         use v1::controller_service_capability::rpc::Type;
-        let caps = [Type::CreateDeleteVolume, Type::GetCapacity]
-            .into_iter()
-            .map(|t| v1::ControllerServiceCapability {
-                r#type: Some(v1::controller_service_capability::Type::Rpc(
-                    v1::controller_service_capability::Rpc { r#type: t as i32 },
-                )),
-            })
-            .collect();
+        let caps = [
+            Type::CreateDeleteVolume,
+            Type::GetCapacity,
+            Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| v1::ControllerServiceCapability {
+            r#type: Some(v1::controller_service_capability::Type::Rpc(
+                v1::controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
         Ok(Response::new(v1::ControllerGetCapabilitiesResponse {
             capabilities: caps,
         }))
@@ -402,11 +409,49 @@ impl Controller for ControllerService {
 
     async fn controller_expand_volume(
         &self,
-        _: Request<v1::ControllerExpandVolumeRequest>,
+        request: Request<v1::ControllerExpandVolumeRequest>,
     ) -> Result<Response<v1::ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerExpandVolume: the agents cannot grow a member's extent yet",
-        ))
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id: missing"));
+        }
+        let range = req
+            .capacity_range
+            .ok_or_else(|| Status::invalid_argument("capacity_range: missing"))?;
+        if let Some(c) = &req.volume_capability {
+            check_capabilities(std::slice::from_ref(c)).map_err(Status::invalid_argument)?;
+        }
+        let id = parse_volume_id(&req.volume_id).ok_or_else(|| {
+            Status::not_found(format!("volume_id {:?}: no such volume", req.volume_id))
+        })?;
+        let rec = self
+            .cp
+            .volume(id)
+            .await
+            .map_err(cp_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?
+            .value;
+        let size = expand_size(&rec.spec, range.required_bytes, range.limit_bytes)
+            .map_err(|e| Status::out_of_range(format!("volume {}: {e}", rec.name)))?;
+        let grown = grow_volume(self.cp.as_ref(), id, size, EXPAND_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                GrowError::NoVolume(_) => Status::not_found(e.to_string()),
+                GrowError::Invalid { .. } | GrowError::Refused { .. } => {
+                    Status::out_of_range(e.to_string())
+                }
+                GrowError::Pending { .. } => Status::unavailable(e.to_string()),
+                GrowError::ControlPlane(c) => cp_status(c),
+            })?;
+        if grown != rec.spec.size {
+            info!(volume = %rec.name, from = rec.spec.size, to = grown, "volume expanded");
+        }
+        Ok(Response::new(v1::ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(grown).unwrap_or(i64::MAX),
+            // An attached volume's device (FUSE file, loop device) grows on its node, and
+            // so does the file system of a mount volume: block volumes need it too.
+            node_expansion_required: true,
+        }))
     }
 
     async fn controller_get_volume(

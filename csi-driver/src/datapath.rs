@@ -5,7 +5,9 @@
 //! `DIR/fuse`. The node plugin puts a loop device on that file.
 //!
 //! Files in `DIR`: `ready` (this process's pid, written once the export is mounted),
-//! `datapath.log`. SIGTERM: flush, unmount, detach, exit 0.
+//! `datapath.log`. SIGTERM: flush, unmount, detach, exit 0. SIGUSR1: read the volume's
+//! committed size from the control plane and export that (NodeExpandVolume sends it after an
+//! expansion; the file only ever grows).
 //!
 //! The file is opened with `FOPEN_DIRECT_IO` (no page cache in the FUSE layer; the loop
 //! device and the file system above it have their own). Reads and writes must be whole
@@ -14,6 +16,7 @@
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -58,16 +61,21 @@ pub struct DatapathArgs {
 struct VolumeFs {
     client: VolumeClient,
     rt: tokio::runtime::Handle,
-    size: u64,
+    /// The exported size; grows on SIGUSR1 after an expansion.
+    size: Arc<AtomicU64>,
     started: SystemTime,
 }
 
 impl VolumeFs {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn attr(&self, ino: u64) -> FileAttr {
         let (kind, perm, size, nlink) = if ino == ROOT {
             (FileType::Directory, 0o755, 0, 2)
         } else {
-            (FileType::RegularFile, 0o600, self.size, 1)
+            (FileType::RegularFile, 0o600, self.size(), 1)
         };
         FileAttr {
             ino,
@@ -95,7 +103,7 @@ impl VolumeFs {
         if !off.is_multiple_of(b) || !len.is_multiple_of(b) {
             return Err(libc::EINVAL);
         }
-        if off.checked_add(len).is_none_or(|e| e > self.size) {
+        if off.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(libc::ENOSPC);
         }
         Ok(off)
@@ -142,8 +150,9 @@ impl Filesystem for VolumeFs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        // The volume's size is fixed; times and modes are not stored.
-        if ino != FILE || size.is_some_and(|s| s != self.size) {
+        // The size follows the volume (it grows with an expansion, never by truncate);
+        // times and modes are not stored.
+        if ino != FILE || size.is_some_and(|s| s != self.size()) {
             reply.error(libc::EPERM);
         } else {
             reply.attr(&TTL, &self.attr(FILE));
@@ -174,10 +183,11 @@ impl Filesystem for VolumeFs {
         }
         // Reads at or past the end return nothing; reads across it are cut.
         let off = u64::try_from(offset).unwrap_or(u64::MAX);
-        if off >= self.size {
+        let end = self.size();
+        if off >= end {
             return reply.data(&[]);
         }
-        let len = u64::from(size).min(self.size - off);
+        let len = u64::from(size).min(end - off);
         if let Err(e) = self.check(offset, len) {
             return reply.error(e);
         }
@@ -308,10 +318,11 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
             spec.layout
         );
     }
+    let size = Arc::new(AtomicU64::new(spec.size));
     let fs = VolumeFs {
         client: client.clone(),
         rt: rt.handle().clone(),
-        size: spec.size,
+        size: size.clone(),
         started: SystemTime::now(),
     };
     let opts = [
@@ -333,10 +344,23 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
         .context("writing the ready file")?;
     info!(volume = %id, size = spec.size, dir = %fuse_dir.display(), "datapath serving");
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = usr1.recv() => match client.refresh_size().await {
+                    Ok(s) => {
+                        let old = size.fetch_max(s, Ordering::AcqRel);
+                        if s > old {
+                            info!(volume = %id, from = old, to = s, "volume grew; exporting the new size");
+                        }
+                    }
+                    Err(e) => warn!(volume = %id, error = %e, "cannot read the volume's size"),
+                },
+            }
         }
         anyhow::Ok(())
     })?;

@@ -42,9 +42,19 @@ impl Identity for IdentityService {
         };
         // The plugin as a whole (one binary in two modes) provides the Controller service,
         // so both modes say so: COs and csi-sanity ask the node endpoint too.
+        // Volumes grow while attached and in use (ONLINE): the node grows the device and
+        // the file system under the running workload.
+        let expansion = v1::PluginCapability {
+            r#type: Some(v1::plugin_capability::Type::VolumeExpansion(
+                v1::plugin_capability::VolumeExpansion {
+                    r#type: v1::plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        };
         let caps = vec![
             svc(Type::ControllerService),
             svc(Type::VolumeAccessibilityConstraints),
+            expansion,
         ];
         Ok(Response::new(v1::GetPluginCapabilitiesResponse {
             capabilities: caps,

@@ -181,6 +181,78 @@ pub fn loop_detach(dev: &Path) -> Result<(), String> {
     run("losetup", &["--detach", &dev.to_string_lossy()]).map(|_| ())
 }
 
+/// Makes loop device `dev` take the current size of its backing file (`losetup -c`).
+pub fn loop_set_capacity(dev: &Path) -> Result<(), String> {
+    run("losetup", &["--set-capacity", &dev.to_string_lossy()]).map(|_| ())
+}
+
+/// Grows the mounted file system of type `fs` on `dev` (mounted at `mountpoint`) to the
+/// device's size, online. An ext4 that already fills the device is left alone.
+pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), String> {
+    match fs {
+        "ext4" => {
+            let dev_bytes = block_size_of(dev).unwrap_or(0);
+            if ext4_bytes(dev).is_some_and(|b| b >= dev_bytes) {
+                return Ok(());
+            }
+            run("resize2fs", &[&dev.to_string_lossy()])
+                .map(|_| ())
+                .map_err(|e| {
+                    if e.contains("Permission denied") {
+                        format!(
+                        "{e} (an online ext4 resize needs CAP_SYS_RESOURCE, which this node plugin \
+                         lacks; the volume did grow: unstage and stage it again and the file \
+                         system grows then, offline)"
+                    )
+                    } else {
+                        e
+                    }
+                })
+        }
+        "xfs" => run("xfs_growfs", &[&mountpoint.to_string_lossy()]).map(|_| ()),
+        other => Err(format!(
+            "growing a file system: unsupported fs type {other:?}"
+        )),
+    }
+}
+
+/// Grows an unmounted ext4 on `dev` to the device's size if it is smaller (after a forced
+/// check, which resize2fs requires). Other file systems grow once mounted ([`grow_fs`]).
+pub fn grow_unmounted(fs: &str, dev: &Path) -> Result<bool, String> {
+    if fs != "ext4" {
+        return Ok(false);
+    }
+    let dev_bytes = block_size_of(dev).unwrap_or(0);
+    if ext4_bytes(dev).is_none_or(|b| b >= dev_bytes) {
+        return Ok(false);
+    }
+    let d = dev.to_string_lossy();
+    // Exit status 1: errors were corrected; anything above is a failure.
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p", &d])
+        .output()
+        .map_err(|e| format!("e2fsck: {e}"))?;
+    if out.status.code().is_none_or(|c| c > 1) {
+        return Err(format!(
+            "e2fsck -f -p {d}: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    run("resize2fs", &[&d]).map(|_| true)
+}
+
+/// The size in bytes of the ext4 on `dev` (block count × block size, from its superblock).
+pub fn ext4_bytes(dev: &Path) -> Option<u64> {
+    let out = run("dumpe2fs", &["-h", &dev.to_string_lossy()]).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("Block count:")? * field("Block size:")?)
+}
+
 /// Bytes of the block device `dev` (via sysfs).
 pub fn block_size_of(dev: &Path) -> Option<u64> {
     let name = dev.file_name()?.to_string_lossy().into_owned();

@@ -32,6 +32,8 @@ pub const FS_ANNOTATION: &str = "toma.io/filesystem";
 pub const DATAPATH_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long NodeUnstage waits for a datapath process to flush, detach and exit.
 pub const DATAPATH_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long NodeExpandVolume waits for the datapath process to export the grown size.
+pub const DATAPATH_GROW_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What NodeStage set up for one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +379,11 @@ impl NodeService {
                     )));
                 }
             }
+            // The volume may have grown while it was not staged: an ext4 grows now, before
+            // it is mounted (no online resize needed); an xfs grows once mounted.
+            if made.is_none() && mounts::grow_unmounted(&fs, &dev).map_err(undo)? {
+                info!(volume = %id, fs = %fs, "file system grown to the volume's size");
+            }
             std::fs::create_dir_all(staging)
                 .map_err(|e| undo(format!("{}: {e}", staging.display())))?;
             let mut args = vec!["-t".to_string(), fs.clone()];
@@ -390,9 +397,65 @@ impl NodeService {
             args.push(staging.to_string_lossy().into_owned());
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             mounts::run("mount", &a).map_err(undo)?;
+            if made.is_none() && fs == "xfs" {
+                mounts::grow_fs(&fs, &dev, staging).map_err(undo)?;
+            }
         }
         info!(volume = %id, staging = %staging.display(), dev = %dev.display(), pid, block, "volume staged");
         Ok(made)
+    }
+
+    /// Makes a staged volume's device (and file system) `size` bytes, the volume's committed
+    /// size: the datapath process exports the new size (SIGUSR1), the loop device takes it
+    /// (`losetup -c`), and a mounted file system grows online. Each step is idempotent.
+    /// Returns the device's size. Blocking.
+    fn grow_attached(&self, id: VolumeId, st: &Staged, size: u64) -> Result<u64, String> {
+        let vol = id.to_string();
+        if !alive(st.pid, &vol) {
+            return Err(format!(
+                "volume {id}: its datapath process ({}) is not running; unstage and stage it again",
+                st.pid
+            ));
+        }
+        let dev = st
+            .loop_dev
+            .clone()
+            .ok_or_else(|| format!("volume {id}: no loop device recorded"))?;
+        let file = self.vol_dir(id).join("fuse").join(FILE_NAME);
+        let file_size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        if file_size() < size {
+            let p = rustix::process::Pid::from_raw(st.pid as i32)
+                .ok_or_else(|| format!("volume {id}: bad pid {}", st.pid))?;
+            rustix::process::kill_process(p, rustix::process::Signal::USR1)
+                .map_err(|e| format!("volume {id}: signalling its datapath: {e}"))?;
+            // The kernel refreshes the file's size when its attributes expire (1 s).
+            let deadline = std::time::Instant::now() + DATAPATH_GROW_TIMEOUT;
+            while file_size() < size {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "volume {id}: the datapath still exports {} of {size} bytes after {DATAPATH_GROW_TIMEOUT:?}: {}",
+                        file_size(),
+                        log_tail(&self.vol_dir(id).join("datapath.log"))
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        if mounts::block_size_of(&dev).unwrap_or(0) < size {
+            mounts::loop_set_capacity(&dev)?;
+        }
+        let dev_size = mounts::block_size_of(&dev).unwrap_or(0);
+        if dev_size < size {
+            return Err(format!(
+                "volume {id}: {} is {dev_size} bytes after losetup -c, not {size}",
+                dev.display()
+            ));
+        }
+        if let (false, Some(fs)) = (st.block, st.fs_type.as_deref()) {
+            mounts::grow_fs(fs, &dev, &st.staging_path)?;
+        }
+        info!(volume = %id, size, dev = %dev.display(), block = st.block, "volume grown on the node");
+        Ok(dev_size)
     }
 
     /// Undoes a stage: unmount, loop device, datapath, state. `Err` names what was left.
@@ -729,11 +792,52 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<v1::NodeExpandVolumeRequest>,
+        request: Request<v1::NodeExpandVolumeRequest>,
     ) -> Result<Response<v1::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume: volumes cannot grow yet",
-        ))
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id: missing"));
+        }
+        if req.volume_path.is_empty() {
+            return Err(Status::invalid_argument("volume_path: missing"));
+        }
+        let id = parse_volume_id(&req.volume_id).ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        let lock = self.lock(&req.volume_id);
+        let _g = lock.lock().await;
+        let rec = self
+            .cp
+            .volume(id)
+            .await
+            .map_err(cp_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?
+            .value;
+        let st = self
+            .load(id)
+            .ok_or_else(|| Status::not_found(format!("volume {id} is not staged on this node")))?;
+        check_path("volume_path", &req.volume_path, &self.allowed_roots)?;
+        if let Some(cap) = &req.volume_capability {
+            check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+            if is_block(cap) != st.block {
+                return Err(Status::invalid_argument(format!(
+                    "volume_capability: volume {id} was staged as {}",
+                    if st.block { "block" } else { "mount" }
+                )));
+            }
+        }
+        let size = rec.spec.size;
+        let required = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes);
+        if u64::try_from(required).is_ok_and(|r| r > size) {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is {size} bytes, capacity_range.required_bytes is {required}: ControllerExpandVolume has not grown it yet"
+            )));
+        }
+        let grown = tokio::task::block_in_place(|| self.grow_attached(id, &st, size))
+            .map_err(Status::internal)?;
+        ok(v1::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(grown).unwrap_or(i64::MAX),
+        })
     }
 
     async fn node_get_volume_health(
@@ -757,14 +861,18 @@ impl Node for NodeService {
         _: Request<v1::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<v1::NodeGetCapabilitiesResponse>, Status> {
         use v1::node_service_capability::rpc::Type;
-        let caps = [Type::StageUnstageVolume, Type::GetVolumeStats]
-            .into_iter()
-            .map(|t| v1::NodeServiceCapability {
-                r#type: Some(v1::node_service_capability::Type::Rpc(
-                    v1::node_service_capability::Rpc { r#type: t as i32 },
-                )),
-            })
-            .collect();
+        let caps = [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| v1::NodeServiceCapability {
+            r#type: Some(v1::node_service_capability::Type::Rpc(
+                v1::node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
         ok(v1::NodeGetCapabilitiesResponse { capabilities: caps })
     }
 

@@ -134,6 +134,44 @@ impl VolumeParams {
     }
 }
 
+/// The size volume `spec` should grow to for an expansion request: the smallest multiple
+/// of 1 MiB and of the lock unit `>= required` (or the volume's size when it is that large
+/// already; a volume never shrinks). `Err` names the sizes when `limit` is below the
+/// volume's size or below the size the layout can hold.
+pub fn expand_size(spec: &VolumeSpec, required: i64, limit: i64) -> Result<u64, String> {
+    if required < 0 || limit < 0 {
+        return Err(format!(
+            "capacity_range: negative bytes (required {required}, limit {limit})"
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit > 0 && required > limit {
+        return Err(format!(
+            "capacity_range: required_bytes {required} > limit_bytes {limit}"
+        ));
+    }
+    if limit > 0 && limit < spec.size {
+        return Err(format!(
+            "capacity_range: limit_bytes {limit} is below the volume's size {} bytes; volumes never shrink",
+            spec.size
+        ));
+    }
+    if required <= spec.size {
+        return Ok(spec.size);
+    }
+    let align = lcm(spec.unit_bytes(), SIZE_ALIGN);
+    let size = required
+        .checked_next_multiple_of(align)
+        .ok_or_else(|| format!("capacity_range: {required} bytes is too large"))?;
+    if limit > 0 && size > limit {
+        return Err(format!(
+            "capacity_range: the smallest size >= {required} bytes that {} can hold is {size} bytes, over limit_bytes {limit}",
+            spec.layout
+        ));
+    }
+    Ok(size)
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a

@@ -3,20 +3,25 @@
 //! process) as `toma-operator`, the agents (in this process) as `toma-agent`, `toma-csi
 //! --mode controller` and the real external-provisioner (processes) as
 //! `toma-csi-controller`. A PVC of StorageClass `toma-raid1` ends Bound to a PV whose
-//! TomaVolume and TomaTopology exist; a member's agent killed makes the leader write a new
-//! topology; deleting the PVC frees the extents (read from the disks' superblocks). The
-//! chart's RBAC is listed and must be exactly what the binaries use.
+//! TomaVolume and TomaTopology exist; patching the PVC to a bigger size makes the real
+//! external-resizer call ControllerExpandVolume: the TomaVolume and the PV grow, both extents
+//! grow in the superblocks, data written before reads back and the new range reads zero; a
+//! member's agent killed makes the leader write a new topology; deleting the PVC frees the
+//! extents (read from the disks' superblocks). The chart's RBAC is listed and must be exactly
+//! what the binaries use.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{client_for, eventually, precheck, wait_ready, Env, NAMESPACE};
-use toma_agent::superblock::{inspect, Inspection};
-use toma_agent::{BlockDevice, MemDevice, SUPERBLOCK_AREA};
+use std::sync::Arc;
+
+use support::{client_for, eventually, extents_on, precheck, wait_ready, Env, NAMESPACE};
+use toma_client::{ClientConfig, VolumeClient};
 use toma_core::{Phase, VolumeId};
+use toma_wire::transport::TcpTransport;
 
 /// The rules each chart role must grant, as `group/resource:verb` (sorted).
 fn expected_rules() -> Vec<(&'static str, Vec<&'static str>)> {
@@ -47,6 +52,10 @@ fn expected_rules() -> Vec<(&'static str, Vec<&'static str>)> {
     let mut controller = vec![
         "toma.io/tomavolumes:create",
         "toma.io/tomavolumes:delete",
+        // Expansion: the target and then the committed size.
+        "toma.io/tomavolumes:patch",
+        // external-resizer
+        "/persistentvolumeclaims/status:patch",
         "toma.io/tomatopologies:create",
         "toma.io/tomatopologies:delete",
     ];
@@ -180,20 +189,6 @@ fn sa_kubeconfig(env: &Env, sa: &str) -> PathBuf {
     p
 }
 
-/// Extents recorded in the superblock of the disk file at `path` (read without the agent's
-/// lock: a copy of the first MiB is decoded).
-fn extents_on(path: &Path) -> Vec<toma_agent::Extent> {
-    let bytes = std::fs::read(path)
-        .map(|b| b[..SUPERBLOCK_AREA as usize].to_vec())
-        .expect("read disk");
-    let dev = MemDevice::new("copy", SUPERBLOCK_AREA * 2);
-    dev.write_at(&bytes, 0).expect("copy");
-    match inspect(&dev).expect("superblock") {
-        Inspection::Valid { sb, .. } => sb.extents,
-        other => panic!("{}: no valid superblock: {other:?}", path.display()),
-    }
-}
-
 fn jsonpath(env: &Env, args: &[&str]) -> String {
     let (ok, out) = env.kubectl(args, None);
     if ok {
@@ -205,7 +200,7 @@ fn jsonpath(env: &Env, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
-    let Some(bin) = precheck(&["helm", "csi-provisioner"]) else {
+    let Some(bin) = precheck(&["helm", "csi-provisioner", "csi-resizer"]) else {
         return;
     };
     let mut env = Env::control_plane(bin).await;
@@ -349,6 +344,25 @@ async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
     let _prov = Kill(&mut prov);
     let prov_log =
         || std::fs::read_to_string(env.path().join("provisioner.log")).unwrap_or_default();
+    // The resizer with the chart's flags (see templates/csi-controller.yaml).
+    let log = std::fs::File::create(env.path().join("resizer.log")).expect("log");
+    let mut resizer = std::process::Command::new(env.bin.join("csi-resizer"))
+        .arg(format!("--csi-address={}", sock.display()))
+        .arg(format!("--kubeconfig={}", ctrl_kc.display()))
+        .args([
+            "--leader-election=false",
+            "--timeout=90s",
+            "--handle-volume-inuse-error=false",
+            "--feature-gates=VolumeAttributesClass=false",
+            "-v=3",
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("csi-resizer");
+    let _resizer = Kill(&mut resizer);
+    let resizer_log =
+        || std::fs::read_to_string(env.path().join("resizer.log")).unwrap_or_default();
 
     // What kubelet and node-driver-registrar do on a node running the node plugin (there is
     // no kubelet here): the Node with its topology label and the CSINode listing the driver
@@ -435,6 +449,152 @@ async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
         ],
     );
     assert_eq!(size, "64Mi", "PV capacity");
+    let disks: Vec<PathBuf> = env
+        .nodes
+        .lock()
+        .iter()
+        .flat_map(|n| n.disk_paths.clone())
+        .collect();
+    let extent_lengths = |id: VolumeId| -> Vec<u64> {
+        let mut v: Vec<u64> = disks
+            .iter()
+            .flat_map(extents_on)
+            .filter(|e| e.volume == id)
+            .map(|e| e.length)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(extent_lengths(id), vec![64 << 20, 64 << 20]);
+
+    // Data written before the resize (a client in this process, as the node plugin's
+    // datapath would be).
+    let client = VolumeClient::attach(
+        env.cp.clone(),
+        Arc::new(TcpTransport::new()),
+        id,
+        ClientConfig {
+            node: "worker1".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .expect("attach a client");
+    let pattern = |seed: u8| -> bytes::Bytes {
+        (0..1 << 20)
+            .map(|i: usize| (i / 4096) as u8 ^ seed)
+            .collect::<Vec<u8>>()
+            .into()
+    };
+    client.write(0, pattern(1)).await.expect("write");
+    client.write(63 << 20, pattern(2)).await.expect("write");
+
+    // PVC resize: 64Mi -> 160Mi through the real external-resizer.
+    let t0 = std::time::Instant::now();
+    let (ok, out) = env.kubectl(
+        &[
+            "-n",
+            "default",
+            "patch",
+            "pvc/data",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"160Mi"}}}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "patch PVC: {out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let cap = jsonpath(
+            &env,
+            &[
+                "get",
+                &format!("pv/{pv}"),
+                "-o",
+                "jsonpath={.spec.capacity.storage}",
+            ],
+        );
+        if cap == "160Mi" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PV not resized after 180s (capacity {cap:?}); resizer log:\n{}\ncontroller log:\n{}",
+            resizer_log(),
+            env.log("controller")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "PVC resized 64Mi -> 160Mi (PV capacity) in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        jsonpath(
+            &env,
+            &[
+                "get",
+                &format!("tomavolume/{pv}"),
+                "-o",
+                "jsonpath={.spec.size}"
+            ]
+        ),
+        (160u64 << 20).to_string(),
+        "TomaVolume size"
+    );
+    assert_eq!(
+        jsonpath(
+            &env,
+            &[
+                "get",
+                &format!("tomavolume/{pv}"),
+                "-o",
+                "jsonpath={.spec.growingTo}"
+            ]
+        ),
+        "",
+        "no growth left pending"
+    );
+    assert_eq!(
+        extent_lengths(id),
+        vec![160 << 20, 160 << 20],
+        "both extents grew"
+    );
+    // Node expansion is kubelet's (none here): the resizer marks the PVC for it.
+    let cond = jsonpath(
+        &env,
+        &[
+            "-n",
+            "default",
+            "get",
+            "pvc/data",
+            "-o",
+            "jsonpath={.status.conditions[*].type}",
+        ],
+    );
+    assert!(
+        cond.contains("FileSystemResizePending"),
+        "PVC conditions {cond:?}; resizer log:\n{}",
+        resizer_log()
+    );
+    assert_eq!(client.refresh_size().await.expect("size"), 160 << 20);
+    assert_eq!(client.read(0, 1 << 20).await.expect("read"), pattern(1));
+    assert_eq!(
+        client.read(63 << 20, 1 << 20).await.expect("read"),
+        pattern(2)
+    );
+    for mib in 64..160u64 {
+        let b = client
+            .read(mib << 20, 1 << 20)
+            .await
+            .expect("read new range");
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "MiB {mib} of the new range is not zero"
+        );
+    }
+    client.detach().await.expect("detach");
 
     // The leader (operator token) writes topologies: kill a member's agent, see Degraded,
     // bring it back, see Normal.
@@ -462,12 +622,6 @@ async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
     .await;
 
     // Deleting the PVC deletes the volume and frees its extents on every disk.
-    let disks: Vec<PathBuf> = env
-        .nodes
-        .lock()
-        .iter()
-        .flat_map(|n| n.disk_paths.clone())
-        .collect();
     let on_disks = |id: VolumeId| -> usize {
         disks
             .iter()

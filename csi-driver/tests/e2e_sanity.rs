@@ -31,6 +31,7 @@ fn run_sanity(env: &Env, access: &str, ctrl: &std::path::Path, node: &std::path:
             root.join(format!("mount-{access}")).display()
         ))
         .arg(format!("--csi.testvolumesize={}", 64 << 20))
+        .arg(format!("--csi.testvolumeexpandsize={}", 128 << 20))
         .arg(format!("--csi.testvolumeparameters={}", params.display()))
         .arg(format!("--csi.testvolumeaccesstype={access}"))
         .arg("--ginkgo.timeout=15m")

@@ -484,6 +484,22 @@ impl Env {
     }
 }
 
+/// Extents recorded in the superblock of the disk file at `path` (read without the agent's
+/// lock: a copy of the first MiB is decoded).
+pub fn extents_on(path: &PathBuf) -> Vec<toma_agent::Extent> {
+    use toma_agent::superblock::{inspect, Inspection};
+    use toma_agent::{BlockDevice, MemDevice, SUPERBLOCK_AREA};
+    let bytes = std::fs::read(path)
+        .map(|b| b[..SUPERBLOCK_AREA as usize].to_vec())
+        .expect("read disk");
+    let dev = MemDevice::new("copy", SUPERBLOCK_AREA * 2);
+    dev.write_at(&bytes, 0).expect("copy");
+    match inspect(&dev).expect("superblock") {
+        Inspection::Valid { sb, .. } => sb.extents,
+        other => panic!("{}: no valid superblock: {other:?}", path.display()),
+    }
+}
+
 /// Processes whose command line mentions `dir` (datapath processes of this test).
 pub fn procs_under(dir: &Path) -> Vec<u32> {
     let needle = dir.display().to_string();
