@@ -348,6 +348,7 @@ impl MemberReportStatus {
                 synced: s.synced,
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
+                stale: s.stale,
                 rebuild: s.rebuild.map(Into::into),
             },
         )
@@ -370,6 +371,7 @@ pub fn member_statuses(
                 synced: s.synced,
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
+                stale: s.stale,
                 rebuild: s.rebuild.as_ref().map(Into::into),
             })
         })
@@ -512,6 +514,7 @@ mod tests {
             synced: 9,
             boot: 2,
             dirty_bits_lost: true,
+            stale: true,
             rebuild: Some(RebuildProgress {
                 generation: 9,
                 done_units: 5,
