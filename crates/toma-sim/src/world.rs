@@ -312,7 +312,7 @@ impl World {
             let dev = Arc::new(d.view(i));
             let mut ids = self.rng.fork();
             let mut new_id = || Ok(DiskId(u128::from(ids.next_u64()) << 64 | 7));
-            let host = (i as u128 + 1) << 64 | u128::from(self.boots[i]) + 1;
+            let host = ((i as u128 + 1) << 64) | (u128::from(self.boots[i]) + 1);
             match open_or_format(dev, self.cluster, false, host, &mut new_id) {
                 Ok(disk) => opened.push(Arc::new(disk)),
                 Err(e) => self
