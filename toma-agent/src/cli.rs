@@ -89,6 +89,7 @@ impl DiskArgs {
             cluster,
             disks,
             force_format,
+            host_boot: crate::disks::host_boot_id().unwrap_or(0),
         })
     }
 }

@@ -5,7 +5,7 @@
 //! an extent is on disk before anyone uses it. They block on I/O: from tokio, call them in
 //! `spawn_blocking`. The RAM-state accessors ([`Disk::member`]) never block on I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -28,13 +28,38 @@ pub struct Disk {
     /// Held by allocation and by the whole of a growth (zeroing included), so that free
     /// space a growth is zeroing is never allocated to someone else meanwhile.
     alloc: Mutex<()>,
+    /// Members whose data may miss acknowledged writes: the disk lost power since its last
+    /// flush (see [`superblock::open_on`]). Each stays here until the leader has it rebuilt
+    /// in full (or chooses it as the only copy left).
+    lost_writes: Mutex<BTreeSet<(VolumeId, MemberIdx)>>,
 }
 
 impl Disk {
     /// Opens a formatted disk of `cluster` (bumps its boot counter). See [`superblock::open`].
     pub fn open(dev: Arc<dyn BlockDevice>, cluster: ClusterId) -> Result<Disk, SuperblockError> {
-        let sb = superblock::open(dev.as_ref(), cluster)?;
-        Ok(Self::from_parts(dev, sb))
+        Self::open_on(dev, cluster, 0)
+    }
+
+    /// Opens a formatted disk of `cluster` on a host whose current boot is `host` (0: boots
+    /// are not tracked). See [`superblock::open_on`] and [`Disk::lost_writes`].
+    pub fn open_on(
+        dev: Arc<dyn BlockDevice>,
+        cluster: ClusterId,
+        host: u128,
+    ) -> Result<Disk, SuperblockError> {
+        let (sb, lost_power) = superblock::open_on(dev.as_ref(), cluster, host)?;
+        let lost: BTreeSet<(VolumeId, MemberIdx)> = if lost_power {
+            sb.extents
+                .iter()
+                .filter(|e| e.state != MemberState::Free)
+                .map(|e| (e.volume, e.member))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let d = Self::from_parts(dev, sb);
+        *d.lost_writes.lock() = lost;
+        Ok(d)
     }
 
     /// Formats `dev` (see [`superblock::format`]) and opens it.
@@ -44,8 +69,19 @@ impl Disk {
         cluster: ClusterId,
         overwrite: &Overwrite,
     ) -> Result<Disk, SuperblockError> {
+        Self::format_on(dev, id, cluster, overwrite, 0)
+    }
+
+    /// Formats `dev` and opens it on a host whose current boot is `host`.
+    pub fn format_on(
+        dev: Arc<dyn BlockDevice>,
+        id: DiskId,
+        cluster: ClusterId,
+        overwrite: &Overwrite,
+        host: u128,
+    ) -> Result<Disk, SuperblockError> {
         superblock::format(dev.as_ref(), id, cluster, overwrite)?;
-        Self::open(dev, cluster)
+        Self::open_on(dev, cluster, host)
     }
 
     fn from_parts(dev: Arc<dyn BlockDevice>, sb: Superblock) -> Disk {
@@ -54,7 +90,27 @@ impl Disk {
             sb: Mutex::new(sb),
             members: Mutex::new(HashMap::new()),
             alloc: Mutex::new(()),
+            lost_writes: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Whether `volume`'s member `member` here may miss writes it acknowledged (the disk
+    /// lost power since its last flush), and so must not serve I/O until it is rebuilt.
+    pub fn lost_writes(&self, volume: VolumeId, member: MemberIdx) -> bool {
+        self.lost_writes.lock().contains(&(volume, member))
+    }
+
+    /// The leader has taken the lost writes into account (a full rebuild is planned, or
+    /// this is the only copy left): the member may serve again.
+    pub fn settle_lost_writes(&self, volume: VolumeId, member: MemberIdx) -> bool {
+        self.lost_writes.lock().remove(&(volume, member))
+    }
+
+    /// Clean detach (orderly shutdown): flushes, then records that no host holds the disk,
+    /// so the next open trusts its contents. Call only once no more writes can arrive.
+    pub fn detach(&self) -> Result<(), SuperblockError> {
+        let mut sb = self.sb.lock();
+        superblock::detach(self.dev.as_ref(), &mut sb)
     }
 
     pub fn id(&self) -> DiskId {

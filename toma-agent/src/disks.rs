@@ -51,6 +51,9 @@ pub struct DiskConfig {
     /// Paths that may be erased if they hold anything but a valid superblock of this
     /// cluster. Each must also be in `disks`.
     pub force_format: Vec<PathBuf>,
+    /// This host's current boot ([`host_boot_id`]; 0 tracks nothing). A disk left attached
+    /// by another boot lost power since its last flush (see [`crate::Disk::lost_writes`]).
+    pub host_boot: u128,
 }
 
 /// The `[storage]`-less TOML config file: top-level keys
@@ -123,7 +126,7 @@ impl Disks {
         for path in &cfg.disks {
             let force = cfg.force_format.contains(path);
             let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path)?);
-            let disk = open_or_format(dev, cfg.cluster, force, new_id)?;
+            let disk = open_or_format(dev, cfg.cluster, force, cfg.host_boot, new_id)?;
             out.insert(path.clone(), disk)?;
         }
         Ok(out)
@@ -165,6 +168,7 @@ pub fn open_or_format(
     dev: Arc<dyn BlockDevice>,
     cluster: ClusterId,
     force: bool,
+    host: u128,
     new_id: &mut dyn FnMut() -> Result<DiskId, DisksError>,
 ) -> Result<Disk, DisksError> {
     if force {
@@ -173,15 +177,34 @@ pub fn open_or_format(
         let overwrite = Overwrite::Force {
             device: dev.name().to_string(),
         };
-        return Ok(Disk::format(dev, new_id()?, cluster, &overwrite)?);
+        return Ok(Disk::format_on(dev, new_id()?, cluster, &overwrite, host)?);
     }
     match superblock::inspect(dev.as_ref())? {
-        Inspection::Blank => Ok(Disk::format(
+        Inspection::Blank => Ok(Disk::format_on(
             dev,
             new_id()?,
             cluster,
             &Overwrite::OnlyIfBlank,
+            host,
         )?),
-        Inspection::Valid { .. } | Inspection::Invalid { .. } => Ok(Disk::open(dev, cluster)?),
+        Inspection::Valid { .. } | Inspection::Invalid { .. } => {
+            Ok(Disk::open_on(dev, cluster, host)?)
+        }
     }
+}
+
+/// This host's current boot, from the kernel's `boot_id` (a UUID that changes on every
+/// boot). `None` when the kernel does not provide it.
+pub fn host_boot_id() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    parse_boot_id(&text)
+}
+
+/// Parses a `boot_id` UUID (`8-4-4-4-12` hex digits); `None` if malformed or all zero.
+pub fn parse_boot_id(text: &str) -> Option<u128> {
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(&hex, 16).ok().filter(|v| *v != 0)
 }

@@ -172,6 +172,7 @@ impl LocalCluster {
             cluster: self.cluster,
             disks: node.disk_paths.clone(),
             force_format: Vec::new(),
+            host_boot: crate::disks::host_boot_id().unwrap_or(0),
         };
         // A killed agent's tasks let go of its disks (and their flock) asynchronously.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -18,7 +18,9 @@
 //!  64  8  device size when last written, bytes (informational)
 //!  72  4  extent count (<= MAX_EXTENTS)
 //!  76  4  extent record size (64)
-//!  80 44  reserved, zero
+//!  80 16  attached: the boot id of the host whose agent opened the disk and has not
+//!         detached it cleanly since (0: detached cleanly, or never attached)
+//!  96 28  reserved, zero
 //! 124  4  crc32c of bytes 0..124 followed by the extent records
 //!
 //! extent record:
@@ -141,6 +143,11 @@ pub struct Superblock {
     pub disk: DiskId,
     pub cluster: ClusterId,
     pub boot_counter: u64,
+    /// The boot of the host that attached the disk last and has not detached it cleanly
+    /// (0: none). An agent that finds another boot here knows the disk lost power (its
+    /// host rebooted, or it was pulled) since its last flush: writes it acknowledged may be
+    /// gone.
+    pub attached: u128,
     pub device_size: u64,
     pub extents: Vec<Extent>,
 }
@@ -284,6 +291,7 @@ impl Superblock {
             disk,
             cluster,
             boot_counter: 0,
+            attached: 0,
             device_size,
             extents: Vec::new(),
         }
@@ -307,6 +315,7 @@ impl Superblock {
         h[40..56].copy_from_slice(&self.cluster.0.to_le_bytes());
         h[56..64].copy_from_slice(&self.boot_counter.to_le_bytes());
         h[64..72].copy_from_slice(&self.device_size.to_le_bytes());
+        h[80..96].copy_from_slice(&self.attached.to_le_bytes());
         h[72..76].copy_from_slice(&(self.extents.len() as u32).to_le_bytes());
         h[76..80].copy_from_slice(&(EXTENT_LEN as u32).to_le_bytes());
         for (e, r) in self.extents.iter().zip(rest.chunks_mut(EXTENT_LEN)) {
@@ -381,6 +390,7 @@ impl Superblock {
             disk: DiskId(le_u128(h, 24)),
             cluster: ClusterId(le_u128(h, 40)),
             boot_counter: le_u64(h, 56),
+            attached: le_u128(h, 80),
             device_size,
             extents,
         })
@@ -578,7 +588,20 @@ pub fn format(
 /// Opens a formatted disk of cluster `expected`: reads both copies, uses the newest valid
 /// one, checks the cluster and the device size, then bumps and persists the boot counter
 /// (which also repairs a damaged copy). Never formats; writes nothing when it refuses.
+/// Does not track host boots (see [`open_on`]).
 pub fn open(dev: &dyn BlockDevice, expected: ClusterId) -> Result<Superblock, SuperblockError> {
+    open_on(dev, expected, 0).map(|(sb, _)| sb)
+}
+
+/// Like [`open`], on a host whose current boot is `host` (nonzero; 0 tracks nothing).
+/// Records `host` as the attaching boot and returns whether the disk may have lost
+/// acknowledged writes: it was left attached by another boot (its host lost power or
+/// rebooted, or the disk was pulled and moved here) without a clean [`detach`].
+pub fn open_on(
+    dev: &dyn BlockDevice,
+    expected: ClusterId,
+    host: u128,
+) -> Result<(Superblock, bool), SuperblockError> {
     let device = dev.name().to_string();
     let (mut sb, stale) = match inspect(dev)? {
         Inspection::Blank => return Err(SuperblockError::Blank { device }),
@@ -608,8 +631,21 @@ pub fn open(dev: &dyn BlockDevice, expected: ClusterId) -> Result<Superblock, Su
     if let Some(why) = stale {
         tracing::warn!(disk = %device, %why, "one superblock copy is unusable; rewriting it from the other");
     }
+    let lost_power = host != 0 && sb.attached != 0 && sb.attached != host;
+    if lost_power {
+        tracing::warn!(disk = %device, id = %sb.disk, "the disk was not detached cleanly by the host boot that last had it: writes acknowledged before it lost power may be gone; its members will be rebuilt in full");
+    }
     sb.boot_counter += 1;
+    sb.attached = host;
     write(dev, &mut sb)?;
     tracing::info!(disk = %device, id = %sb.disk, boot = sb.boot_counter, extents = sb.extents.len(), "opened Toma disk");
-    Ok(sb)
+    Ok((sb, lost_power))
+}
+
+/// Clean detach: flushes the device, then records that no host has the disk attached, so
+/// the next open (on any host) trusts its contents.
+pub fn detach(dev: &dyn BlockDevice, sb: &mut Superblock) -> Result<(), SuperblockError> {
+    dev.flush()?;
+    sb.attached = 0;
+    write(dev, sb)
 }

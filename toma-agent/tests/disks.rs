@@ -29,6 +29,7 @@ fn cfg(disks: &[&PathBuf], force: &[&PathBuf]) -> DiskConfig {
         cluster: CLUSTER,
         disks: disks.iter().map(|p| (*p).clone()).collect(),
         force_format: force.iter().map(|p| (*p).clone()).collect(),
+        host_boot: 0,
     }
 }
 

@@ -182,6 +182,7 @@ async fn start_agent(h: &Harness, cluster: ClusterId, n: &Node) -> AgentHandle {
         cluster,
         disks: vec![n.disk.clone()],
         force_format: Vec::new(),
+        host_boot: toma_agent::disks::host_boot_id().unwrap_or(0),
     };
     // A killed agent's tasks let go of its disk (and its flock) asynchronously.
     let disks = eventually("the disk to be free", WAIT, || async {

@@ -35,6 +35,59 @@ fn smash(path: &Path, offset: u64) {
 }
 
 #[test]
+fn a_disk_left_attached_by_another_boot_may_have_lost_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let (vol, host_a, host_b) = (VolumeId(9), 0xa1, 0xb2);
+    {
+        let d = Disk::open_on(dev(&p), CLUSTER, host_a).unwrap();
+        d.allocate_extent(vol, 0, MIB, 1).unwrap();
+        d.update_extent(vol, 0, 1, superblock::MemberState::Member(Role::Rwl))
+            .unwrap();
+        assert!(
+            !d.lost_writes(vol, 0),
+            "a disk attached for the first time is trusted"
+        );
+    }
+    // The agent restarts on the same boot (its process crashed): the disk kept power.
+    let d = Disk::open_on(dev(&p), CLUSTER, host_a).unwrap();
+    assert!(!d.lost_writes(vol, 0));
+    drop(d);
+    // Another boot finds it still attached: the host lost power, or the disk was pulled.
+    let d = Disk::open_on(dev(&p), CLUSTER, host_b).unwrap();
+    assert!(d.lost_writes(vol, 0));
+    assert!(!d.lost_writes(vol, 1), "only members it holds");
+    assert!(d.settle_lost_writes(vol, 0));
+    assert!(!d.lost_writes(vol, 0));
+    // A clean detach (orderly shutdown) makes the next boot trust it.
+    d.detach().unwrap();
+    drop(d);
+    let d = Disk::open_on(dev(&p), CLUSTER, host_a).unwrap();
+    assert!(!d.lost_writes(vol, 0));
+    assert_eq!(
+        d.extent(vol, 0).map(|e| e.length),
+        Some(MIB),
+        "nothing else changed"
+    );
+}
+
+#[test]
+fn boot_ids_parse_strictly() {
+    use toma_agent::disks::parse_boot_id;
+    assert_eq!(
+        parse_boot_id("0b3c8c1e-6c4a-4b8e-9a51-2f1d7c3e9a10\n"),
+        Some(0x0b3c8c1e_6c4a_4b8e_9a51_2f1d7c3e9a10)
+    );
+    assert_eq!(parse_boot_id(""), None);
+    assert_eq!(parse_boot_id("not-a-uuid"), None);
+    assert_eq!(parse_boot_id("00000000-0000-0000-0000-000000000000"), None);
+    assert!(
+        toma_agent::disks::host_boot_id().is_some(),
+        "Linux provides a boot id"
+    );
+}
+
+#[test]
 fn format_open_round_trip_bumps_boot_counter() {
     let dir = tempfile::tempdir().unwrap();
     let p = fresh(dir.path(), 8 * MIB);

@@ -222,6 +222,11 @@ impl Leader {
                     present,
                     synced: status.map_or(0, |s| s.synced),
                     dirty_bits_lost,
+                    // A live member is failed for it only on a report made under the current
+                    // generation (one made before, e.g. before the volume restarted from this
+                    // very copy, is out of date); a returning one whenever it says so.
+                    stale: status
+                        .is_some_and(|s| s.stale && (m.role.is_dead() || s.synced >= t.generation)),
                 });
                 let key = (rec.id, i, m.disk);
                 if m.role.is_dead() {

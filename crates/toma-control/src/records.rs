@@ -99,6 +99,10 @@ pub struct MemberStatus {
     /// This TOMA's dirty bits about other members were lost (it restarted while the volume
     /// was degraded).
     pub dirty_bits_lost: bool,
+    /// This member's disk lost power since its last flush (its host rebooted, or it was
+    /// pulled): it may miss writes it acknowledged, so it must be rebuilt in full before it
+    /// is read again. The agent refuses its I/O meanwhile.
+    pub stale: bool,
     pub rebuild: Option<RebuildProgress>,
     /// The member's extent length on its disk (bytes).
     pub extent_bytes: u64,

@@ -76,6 +76,7 @@ async fn sync_all(cp: &EmbeddedControlPlane, id: VolumeId, rebuild: Option<Rebui
             synced: t.generation,
             boot: 1,
             dirty_bits_lost: false,
+            stale: false,
             rebuild,
             extent_bytes: 0,
             grow_refused: None,

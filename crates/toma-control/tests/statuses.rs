@@ -15,6 +15,7 @@ fn status(node: &str, synced: u64) -> MemberStatus {
         synced,
         boot: 1,
         dirty_bits_lost: false,
+        stale: false,
         rebuild: None,
         extent_bytes: 0,
         grow_refused: None,

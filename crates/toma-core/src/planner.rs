@@ -24,6 +24,10 @@ pub struct MemberReport {
     /// This member's TOMA lost its RAM dirty bits (it restarted) since the volume went
     /// degraded: a rebuild that relies on them must be full.
     pub dirty_bits_lost: bool,
+    /// This member's disk lost power since its last flush (its agent says so): it may miss
+    /// writes it acknowledged. A live member is failed at once; a returning one is rebuilt
+    /// in full.
+    pub stale: bool,
 }
 
 impl MemberReport {
@@ -32,6 +36,7 @@ impl MemberReport {
             present: Some(node.into()),
             synced,
             dirty_bits_lost: false,
+            stale: false,
         }
     }
     pub fn gone(synced: Generation) -> Self {
@@ -39,6 +44,7 @@ impl MemberReport {
             present: None,
             synced,
             dirty_bits_lost: false,
+            stale: false,
         }
     }
 }
@@ -142,12 +148,16 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
     };
 
     // A member is lost when its disk is gone, or shows up on another node than the one it
-    // serves from (it moved: its TOMA, locks and dirty bits are not the ones clients use).
+    // serves from (it moved: its TOMA, locks and dirty bits are not the ones clients use),
+    // or lost power since its last flush (it may miss acknowledged writes).
     let lost: BTreeSet<MemberIdx> = t
         .members
         .iter()
         .enumerate()
-        .filter(|(i, m)| !m.role.is_dead() && k.members[*i].present.as_ref() != Some(&m.node))
+        .filter(|(i, m)| {
+            !m.role.is_dead()
+                && (k.members[*i].present.as_ref() != Some(&m.node) || k.members[*i].stale)
+        })
         .map(|(i, _)| i)
         .collect();
 
@@ -170,6 +180,12 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
     next.generation = next_gen;
 
     if !lost.is_empty() {
+        for &i in &lost {
+            // What it missed is unknown: when it returns, it is rebuilt in full.
+            if k.members[i].stale {
+                next.members[i].full_rebuild = true;
+            }
+        }
         forced_failure(&mut next, &lost);
         normalize(&mut next);
         return Ok(Plan::Next(next));
@@ -202,13 +218,21 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
             if at.is_empty() || at.len() < t.layout.min_readable() {
                 return Ok(Plan::Wait(Wait::NothingToRestore));
             }
+            // The first readable set of them is the source; the others may differ from it
+            // (a write in flight when the volume failed, or lost with a disk's power) and
+            // are rebuilt from it in full, like every member that was not good.
+            let sources: Vec<MemberIdx> = at
+                .iter()
+                .take(t.layout.min_readable())
+                .map(|(i, _)| *i)
+                .collect();
             for (i, node) in at {
                 next.members[i].node = node;
             }
-            for m in next.members.iter_mut() {
-                if m.last_good {
+            for (i, m) in next.members.iter_mut().enumerate() {
+                m.last_good = false;
+                if sources.contains(&i) {
                     m.role = Role::Rwl;
-                    m.last_good = false;
                     m.full_rebuild = false;
                 } else {
                     // What it missed while the volume was failed is unknown: copy it all.
@@ -239,7 +263,7 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 let m = &mut next.members[i];
                 m.node = node.clone();
                 m.role = Role::W;
-                m.full_rebuild |= any_bits_lost;
+                m.full_rebuild |= any_bits_lost || k.members[i].stale;
                 m.last_good = false;
                 changed = true;
             }
@@ -439,6 +463,56 @@ mod tests {
         assert_eq!(n.phase(), Phase::Degraded);
         assert_eq!(n.members[1].role, Role::Rwl);
         assert_eq!(n.members[1].node, NodeId::from("n1"));
+    }
+
+    #[test]
+    fn a_member_that_lost_power_is_failed_and_returns_with_a_full_rebuild() {
+        let t = raid1(2);
+        let mut k = all_synced(&t);
+        k.members[1].stale = true;
+        let d = step(&t, &k);
+        assert_eq!(d.phase(), Phase::Degraded);
+        assert_eq!(d.members[1].role, Role::Dead);
+        assert!(d.members[1].full_rebuild);
+        // It returns (its agent still says so, or not any more): everything is copied.
+        let mut k = all_synced(&d);
+        k.members[1].stale = false;
+        let w = step(&d, &k);
+        assert_eq!(w.members[1].role, Role::W);
+        assert!(w.members[1].full_rebuild);
+        // A DEAD member that lost power while it was away also comes back in full.
+        let mut d2 = d.clone();
+        d2.members[1].full_rebuild = false;
+        let mut k = all_synced(&d2);
+        k.members[1].stale = true;
+        let w = step(&d2, &k);
+        assert_eq!(w.members[1].role, Role::W);
+        assert!(w.members[1].full_rebuild);
+    }
+
+    #[test]
+    fn a_failed_volume_restarts_from_one_copy_and_rebuilds_the_others_in_full() {
+        let mut t = raid1(3);
+        for m in t.members.iter_mut() {
+            m.role = Role::Dead;
+            m.last_good = true;
+        }
+        assert_eq!(t.phase(), Phase::Failed);
+        let n = step(&t, &all_synced(&t));
+        assert_eq!(n.count(Role::Rwl), 1);
+        assert_eq!(n.members[0].role, Role::Rwl);
+        assert!(!n.members[0].full_rebuild);
+        for m in &n.members[1..] {
+            assert_eq!(m.role, Role::Dead);
+            assert!(m.full_rebuild && !m.last_good);
+        }
+        let w = step(&n, &all_synced(&n));
+        assert_eq!(w.count(Role::W), 2);
+        assert!(w
+            .members
+            .iter()
+            .filter(|m| m.role == Role::W)
+            .all(|m| m.full_rebuild));
     }
 
     #[test]

@@ -254,6 +254,7 @@ proptest! {
                 present: p.map(|n| NodeId(format!("n{n}"))),
                 synced: synced.get(i).copied().unwrap_or(0),
                 dirty_bits_lost: i % 3 == 0,
+                stale: i % 5 == 1,
             }).collect(),
             rebuild_done: done,
             replacement: repl.map(|(member, n)| Replacement { member, disk: DiskId(77), node: NodeId(format!("n{n}")) }),

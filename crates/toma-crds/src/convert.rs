@@ -351,6 +351,7 @@ impl MemberReportStatus {
                 synced: s.synced,
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
+                stale: s.stale,
                 rebuild: s.rebuild.map(Into::into),
                 extent_bytes: s.extent_bytes,
                 grow_refused: s.grow_refused.as_ref().map(|(w, r)| GrowRefusal {
@@ -378,6 +379,7 @@ pub fn member_statuses(
                 synced: s.synced,
                 boot: s.boot,
                 dirty_bits_lost: s.dirty_bits_lost,
+                stale: s.stale,
                 rebuild: s.rebuild.as_ref().map(Into::into),
                 extent_bytes: s.extent_bytes,
                 grow_refused: s
@@ -525,6 +527,7 @@ mod tests {
             synced: 9,
             boot: 2,
             dirty_bits_lost: true,
+            stale: true,
             rebuild: Some(RebuildProgress {
                 generation: 9,
                 done_units: 5,

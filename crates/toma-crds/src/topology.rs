@@ -205,6 +205,10 @@ pub struct MemberReportStatus {
     /// This TOMA's dirty bits about other members were lost.
     #[serde(default)]
     pub dirty_bits_lost: bool,
+    /// This member's disk lost power since its last flush: it may miss acknowledged writes
+    /// and serves no I/O until it is rebuilt in full.
+    #[serde(default)]
+    pub stale: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildStatus>,
     /// The member's extent length on its disk (bytes).

@@ -560,6 +560,7 @@ impl TomaModel {
                     present: here.then(|| self.nodes[i].clone()),
                     synced: u64::from(Self::synced(&s.tomas[i])),
                     dirty_bits_lost: false,
+                    stale: false,
                 }
             })
             .collect();

@@ -69,6 +69,9 @@ struct World {
     workers_per_client: usize,
     disks: Vec<SimDisk>,
     clocks: Vec<Arc<dyn Clock>>,
+    /// Each storage node's boot (+1 when it loses power): what its agents see as the host's
+    /// boot id, so a disk that lost power is known to have.
+    boots: Vec<u64>,
     leader_clock: Arc<dyn Clock>,
     leader: Option<JoinHandle<()>>,
     leaders_started: u64,
@@ -152,6 +155,7 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         workers_per_client: 2,
         disks,
         clocks,
+        boots: vec![0; storage],
         leader_clock,
         leader: None,
         leaders_started: 0,
@@ -309,7 +313,8 @@ impl World {
             let dev = Arc::new(d.view(i));
             let mut ids = self.rng.fork();
             let mut new_id = || Ok(DiskId(u128::from(ids.next_u64()) << 64 | 7));
-            match open_or_format(dev, self.cluster, false, &mut new_id) {
+            let host = ((i as u128 + 1) << 64) | (u128::from(self.boots[i]) + 1);
+            match open_or_format(dev, self.cluster, false, host, &mut new_id) {
                 Ok(disk) => opened.push(Arc::new(disk)),
                 Err(e) => self
                     .ck
@@ -506,10 +511,29 @@ impl World {
             Fault::NodePowerLoss(i) => {
                 self.ck
                     .fault("node-power-loss", format!("node n{i} loses power"));
+                // When no readable member lives on another running node, this node held the
+                // only copy of some writes: like a single disk, it keeps only flushed ones.
+                let me = node_name(i);
+                let other_copy = self.ck.topology().is_some_and(|t| {
+                    t.members.iter().any(|m| {
+                        m.role == Role::Rwl
+                            && m.node != me
+                            && (0..self.storage).any(|j| {
+                                node_name(j) == m.node && self.ck.agents.lock()[j].is_some()
+                            })
+                    })
+                });
                 self.crash_agent(i);
+                self.boots[i] += 1;
                 for d in self.disks.iter().filter(|d| d.node() == Some(i)) {
                     let seed = self.rng.next_u64();
                     d.dev.power_loss(PowerLoss::Tear { seed });
+                }
+                if !other_copy {
+                    self.ck.log(format!(
+                        "n{i} held the only readable copy: only flushed writes must survive"
+                    ));
+                    self.ck.power_lost();
                 }
             }
             Fault::DiskMove { disk, .. } => {
@@ -588,6 +612,7 @@ impl World {
                 }
                 for i in 0..self.storage {
                     self.crash_agent(i);
+                    self.boots[i] += 1;
                 }
                 for d in &self.disks {
                     let seed = self.rng.next_u64();

@@ -326,6 +326,7 @@ impl Env {
             cluster: self.cluster,
             disks: paths,
             force_format: Vec::new(),
+            host_boot: 0,
         };
         let disks = eventually(
             "the agent's disks to be released",

@@ -297,6 +297,23 @@ async fn handle(
             ),
         );
     }
+    if m.disk.lost_writes(m.volume, m.idx())
+        && !matches!(
+            frame.msg,
+            Message::ReportUnreachable { .. } | Message::FenceClient { .. }
+        )
+    {
+        // Reading it could return data older than acknowledged writes; the leader fails it
+        // and has it rebuilt in full.
+        return err(
+            ErrorCode::Io,
+            format!(
+                "member {} of volume {} lost power since its disk's last flush and may miss acknowledged writes: it serves no I/O until it is rebuilt in full",
+                m.idx(),
+                m.name
+            ),
+        );
+    }
     let units = m.spec().units();
     let unit_ok = |u: u64| {
         if u < units {

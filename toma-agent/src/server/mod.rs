@@ -471,6 +471,10 @@ impl AgentInner {
             growing: AtomicBool::new(false),
             grow_refused: Mutex::new(None),
         });
+        if m.disk.lost_writes(m.volume, idx) {
+            warn!(volume = %rec.name, member = idx, "this member's disk lost power since its last flush: it may miss acknowledged writes; serving no I/O until the leader has it rebuilt in full");
+            settle_lost_writes(&m, &t, idx);
+        }
         info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, "hosting member");
         self.members.lock().insert(rec.id, m.clone());
         self.record_extent(&m, &t, idx).await;
@@ -518,6 +522,7 @@ impl AgentInner {
         if t.phase() == Phase::Normal {
             *m.dirty_bits_lost.lock() = false;
         }
+        settle_lost_writes(m, &t, idx);
         *m.idx.lock() = idx;
         *m.topology.lock() = Arc::new(t.clone());
         {
@@ -630,6 +635,7 @@ impl AgentInner {
                 synced: m.synced(),
                 boot: self.boot,
                 dirty_bits_lost: *m.dirty_bits_lost.lock(),
+                stale: m.disk.lost_writes(m.volume, idx),
                 rebuild: *m.rebuild.lock(),
                 extent_bytes: m.disk.extent(m.volume, idx).map_or(0, |e| e.length),
                 grow_refused: m.grow_refused.lock().clone(),
@@ -639,6 +645,21 @@ impl AgentInner {
             }
             rebuild::maybe_start(self.clone(), m.clone());
         }
+    }
+}
+
+/// A member that may miss acknowledged writes serves again once topology `t` shows that
+/// the leader took it into account (it is to be rebuilt in full), or when it is one of the
+/// last readable members: failing it would fail the volume, which would then restart from
+/// it (and rebuild every other member from it in full) anyway.
+fn settle_lost_writes(m: &Member, t: &Topology, idx: usize) {
+    let Some(me) = t.members.get(idx) else {
+        return;
+    };
+    let full = me.full_rebuild;
+    let last = me.role == Role::Rwl && t.count(Role::Rwl) <= t.layout.min_readable();
+    if (full || last) && m.disk.settle_lost_writes(m.volume, idx) {
+        info!(volume = %m.name, member = idx, generation = t.generation, full_rebuild = full, "the leader took this member's lost writes into account; serving again");
     }
 }
 
