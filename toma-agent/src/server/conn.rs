@@ -318,6 +318,14 @@ async fn handle(
     let unit_ok = |u: u64| {
         if u < units {
             Ok(())
+        } else if u < rt.locks.units() {
+            // Inside the (grown) extent but past the size this TOMA knows: the volume grew
+            // and the control plane has not told us yet; the client retries.
+            agent.poke();
+            Err(err(
+                ErrorCode::Busy,
+                format!("unit {u} is past the volume's size known here ({units} units): not known here yet"),
+            ))
         } else {
             Err(err(
                 ErrorCode::OutOfRange,

@@ -67,6 +67,10 @@ async fn grow(inner: &Arc<AgentInner>, m: &Arc<Member>, want: u64, chunk: u64) {
     let (vol, idx, disk) = (m.volume, m.idx(), m.disk.clone());
     let from = disk.extent(vol, idx).map_or(0, |e| e.length);
     let started = inner.now();
+    // Locks and dirty bits cover the new units before the longer extent is reported (the
+    // growth may commit as soon as it is): a client that learns the new size first gets
+    // `Busy` (retry) from this TOMA, never `OutOfRange`.
+    m.runtime().grow(want.div_ceil(chunk));
     let d = disk.clone();
     match disk_io(&disk, move || d.grow_extent(vol, idx, want)).await {
         Ok(Ok(e)) => {
