@@ -285,6 +285,30 @@ mod tests {
     }
 
     #[test]
+    fn expansion_sizes_round_up_and_never_shrink() {
+        let v = VolumeParams::parse(&p(&[("raid", "raid6"), ("dataMembers", "3")])).unwrap();
+        let s = v.spec_for(3 << 20, 0).unwrap();
+        // Lock unit 3 x 64 KiB and 1 MiB: lcm = 3 MiB.
+        assert_eq!(expand_size(&s, 4 << 20, 0), Ok(6 << 20));
+        assert_eq!(expand_size(&s, 1, 0), Ok(3 << 20), "at or below: the size");
+        assert_eq!(expand_size(&s, 0, 0), Ok(3 << 20));
+        let e = expand_size(&s, 0, 2 << 20).unwrap_err();
+        assert!(
+            e.contains("never shrink") && e.contains("3145728") && e.contains("2097152"),
+            "{e}"
+        );
+        let e = expand_size(&s, 4 << 20, 5 << 20).unwrap_err();
+        assert!(
+            e.contains("6291456") && e.contains("limit_bytes 5242880"),
+            "{e}"
+        );
+        assert!(expand_size(&s, 5, 4)
+            .unwrap_err()
+            .contains("required_bytes"));
+        assert!(expand_size(&s, -1, 0).is_err());
+    }
+
+    #[test]
     fn object_names_are_valid_and_deterministic() {
         assert_eq!(object_name("pvc-0123"), "pvc-0123");
         let a = object_name("sanity-Controller Service CreateVolume-1234");
