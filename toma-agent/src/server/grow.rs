@@ -29,7 +29,6 @@ pub(super) async fn sync(inner: &Arc<AgentInner>, m: &Arc<Member>, rec: &VolumeR
         return;
     };
     let chunk = u64::from(rec.spec.chunk_size);
-    m.runtime().grow(extent.length / chunk);
     let want = rec.extent_bytes();
     if rec.growing_to.is_none() {
         *m.grow_refused.lock() = None;
@@ -50,6 +49,8 @@ pub(super) async fn sync(inner: &Arc<AgentInner>, m: &Arc<Member>, rec: &VolumeR
         }
         return;
     }
+    // The extent covers the target: so do the locks and dirty bits (a no-op once done).
+    m.runtime().grow(want / chunk);
     // The committed size: new units are lockable here, the local client may use them.
     let cur = m.spec();
     if rec.spec.size > cur.size && extent.length >= rec.spec.member_bytes() {
@@ -70,11 +71,10 @@ async fn grow(inner: &Arc<AgentInner>, m: &Arc<Member>, want: u64, chunk: u64) {
     // Locks and dirty bits cover the new units before the longer extent is reported (the
     // growth may commit as soon as it is): a client that learns the new size first gets
     // `Busy` (retry) from this TOMA, never `OutOfRange`.
-    m.runtime().grow(want.div_ceil(chunk));
+    m.runtime().grow(want / chunk);
     let d = disk.clone();
     match disk_io(&disk, move || d.grow_extent(vol, idx, want)).await {
         Ok(Ok(e)) => {
-            m.runtime().grow(e.length / chunk);
             *m.grow_refused.lock() = None;
             let took = inner.now().saturating_sub(started);
             info!(volume = %m.name, member = idx, from, to = e.length, ?took, "extent grown (new part zeroed)");

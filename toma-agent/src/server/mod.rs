@@ -398,8 +398,9 @@ impl AgentInner {
         let t = rec.topology.clone();
         let had_extent = disk.extent(rec.id, idx).is_some();
         if !had_extent {
-            // Big enough for a pending growth too (see grow.rs).
-            let (d, vol, len, g) = (disk.clone(), rec.id, rec.extent_bytes(), t.generation);
+            // The volume's size: a pending growth is applied by grow.rs, which zeroes the new
+            // part (a fresh extent is not zeroed, and a rebuild copies only the size).
+            let (d, vol, len, g) = (disk.clone(), rec.id, rec.spec.member_bytes(), t.generation);
             match disk_io(&disk, move || d.allocate_extent(vol, idx, len, g)).await {
                 Ok(Ok(e)) => {
                     info!(volume = %rec.name, member = idx, offset = e.offset, length = e.length, "extent allocated");
@@ -414,12 +415,14 @@ impl AgentInner {
                 }
             }
         }
-        // Locks and dirty bits cover the whole extent (it may be longer than the volume's
-        // size while a growth is pending).
-        let units = disk
-            .extent(rec.id, idx)
-            .map_or(0, |e| e.length / u64::from(rec.spec.chunk_size))
-            .max(rec.spec.units());
+        // Locks and dirty bits cover the volume's units, and a pending growth's once the
+        // extent has grown (grow.rs).
+        let units = match disk.extent(rec.id, idx) {
+            Some(e) if e.length >= rec.extent_bytes() => {
+                rec.extent_bytes() / u64::from(rec.spec.chunk_size)
+            }
+            _ => rec.spec.units(),
+        };
         let runtime = Arc::new(MemberRuntime::new(units, t.n()));
         let now = self.now();
         let role = t.members[idx].role;
