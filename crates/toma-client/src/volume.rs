@@ -437,6 +437,11 @@ impl Inner {
         if came {
             return;
         }
+        self.poll_when_due().await;
+    }
+
+    /// Reads the newest topology from the control plane, at most once per `hold_retry`.
+    async fn poll_when_due(&self) {
         let now = tokio::time::Instant::now();
         let due = {
             let mut last = self.last_poll.lock();
@@ -642,6 +647,9 @@ impl Inner {
                 ErrorCode::Busy | ErrorCode::UnknownVolume => {
                     if code == ErrorCode::UnknownVolume {
                         self.links.lock().remove(&t.members[member].disk);
+                        // Or our topology is out of date: the member left that node (and
+                        // no TOMA we are registered with may be left to tell us).
+                        self.poll_when_due().await;
                     }
                     Retry::Backoff
                 }
