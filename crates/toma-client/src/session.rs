@@ -38,13 +38,20 @@ pub enum Unsolicited {
     Fenced(String),
     /// The connection ended.
     Closed,
+    /// An UNLOCK of this unit was refused for its generation (too old, or not known there
+    /// yet): the lock is still held and must be released again.
+    UnlockRefused(u64),
 }
 
 type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Message>>>>;
 
+/// UNLOCKs sent without waiting: request id → unit.
+type Unlocks = Arc<Mutex<BTreeMap<u64, u64>>>;
+
 pub struct Session {
     sender: FrameSender,
     pending: Pending,
+    unlocks: Unlocks,
     next_id: AtomicU64,
     volume: VolumeId,
     timeout: Duration,
@@ -68,6 +75,8 @@ impl Session {
         let (sender, mut receiver) = conn.split();
         let pending: Pending = Arc::new(Mutex::new(BTreeMap::new()));
         let p = pending.clone();
+        let unlocks: Unlocks = Arc::new(Mutex::new(BTreeMap::new()));
+        let u = unlocks.clone();
         tokio::spawn(async move {
             loop {
                 match receiver.recv().await {
@@ -86,11 +95,20 @@ impl Session {
                             let _ = events.send((tag, ev));
                         } else if let Some(tx) = p.lock().remove(&frame.request_id) {
                             let _ = tx.send(frame.msg);
+                        } else if let Some(unit) = u.lock().remove(&frame.request_id) {
+                            if let Message::Error {
+                                code: ErrorCode::StaleGeneration | ErrorCode::Busy,
+                                ..
+                            } = frame.msg
+                            {
+                                let _ = events.send((tag, Unsolicited::UnlockRefused(unit)));
+                            }
                         }
                     }
                     Err(e) => {
                         debug!(disk = %tag, error = %e, "connection ended");
                         p.lock().clear();
+                        u.lock().clear();
                         let _ = events.send((tag, Unsolicited::Closed));
                         return;
                     }
@@ -100,6 +118,7 @@ impl Session {
         Ok(Arc::new(Session {
             sender,
             pending,
+            unlocks,
             next_id: AtomicU64::new(1),
             volume,
             timeout,
@@ -140,6 +159,17 @@ impl Session {
                     self.timeout
                 )))
             }
+        }
+    }
+
+    /// Sends UNLOCK of `unit` without waiting for the reply; a refusal for the generation
+    /// comes back as [`Unsolicited::UnlockRefused`].
+    pub async fn unlock(&self, generation: Generation, unit: u64) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.unlocks.lock().insert(id, unit);
+        let frame = Frame::new(id, self.volume, generation, Message::Unlock { unit });
+        if self.sender.send(&frame).await.is_err() {
+            self.unlocks.lock().remove(&id);
         }
     }
 

@@ -480,6 +480,11 @@ impl Inner {
         if came {
             return;
         }
+        self.poll_when_due().await;
+    }
+
+    /// Reads the newest topology from the control plane, at most once per `hold_retry`.
+    async fn poll_when_due(&self) {
         let now = tokio::time::Instant::now();
         let due = {
             let mut last = self.last_poll.lock();
@@ -685,6 +690,9 @@ impl Inner {
                 ErrorCode::Busy | ErrorCode::UnknownVolume => {
                     if code == ErrorCode::UnknownVolume {
                         self.links.lock().remove(&t.members[member].disk);
+                        // Or our topology is out of date: the member left that node (and
+                        // no TOMA we are registered with may be left to tell us).
+                        self.poll_when_due().await;
                     }
                     Retry::Backoff
                 }
@@ -882,6 +890,7 @@ impl Inner {
                 continue;
             }
             let mut backoff = Backoff::new();
+            let mut tries = 0u64;
             loop {
                 match self.call(t, m, Message::Lock { unit }).await? {
                     Message::Ok => {
@@ -889,8 +898,12 @@ impl Inner {
                         self.note_held(disk, unit, true);
                         break;
                     }
-                    Message::Locked { .. } => {
+                    Message::Locked { holder } => {
                         self.stats.lock_retries.fetch_add(1, Ordering::Relaxed);
+                        tries += 1;
+                        if tries % 200 == 0 {
+                            warn!(volume = %self.volume, member = m, unit, holder = %format!("{holder:x}"), tries, "lock still held by another client");
+                        }
                         backoff.wait().await;
                         // A newer topology may place the lock elsewhere.
                         if self.current().generation != t.generation {
@@ -948,9 +961,33 @@ impl Inner {
             // arrival order, so a later LOCK of this unit on this session cannot overtake
             // it. An unlock that does not arrive is cleaned up by fencing or Rebuild-init.
             if let Ok(s) = self.link(t.members[m].disk, &t.members[m].node).await {
-                s.tell(t.generation, Message::Unlock { unit }).await;
+                s.unlock(t.generation, unit).await;
             }
         }
+    }
+
+    /// Releases a lock whose UNLOCK was refused for its generation, under the current one.
+    /// Holding the unit's local lock, so no later operation of this client on the unit
+    /// (which may take the lock again) runs meanwhile. A connection that breaks meanwhile
+    /// needs nothing more: registering again frees every lock the client does not hold.
+    async fn unlock_again(self: &Arc<Self>, disk: DiskId, unit: u64) {
+        let _local = self.local_locks.lock(unit).await;
+        let mut backoff = Backoff::new();
+        for _ in 0..50 {
+            let t = self.current();
+            let Some(m) = t
+                .members
+                .iter()
+                .position(|x| x.disk == disk && !x.role.is_dead())
+            else {
+                return;
+            };
+            match self.call(&t, m, Message::Unlock { unit }).await {
+                Err(Retry::Backoff) => backoff.wait().await,
+                Ok(_) | Err(_) => return,
+            }
+        }
+        warn!(volume = %self.volume, disk = %disk, unit, "could not release a lock; its member's TOMA frees it when this client registers again or is fenced");
     }
 
     async fn copy_unit(
@@ -1059,6 +1096,9 @@ async fn event_loop(
                 if links.get(&disk).is_some_and(|l| l.session.is_closed()) {
                     links.remove(&disk);
                 }
+            }
+            Unsolicited::UnlockRefused(unit) => {
+                tokio::spawn(async move { inner.unlock_again(disk, unit).await });
             }
         }
     }

@@ -194,40 +194,41 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
     match t.phase() {
         Phase::Normal => Ok(Plan::Wait(Wait::Stable)),
         Phase::Failed => {
-            // Only the members that held every acknowledged write may bring it back, all of
-            // them together (for RAID6 the last readable set).
-            let good: Vec<_> = t
+            // Only the members that held every acknowledged write (the last readable ones)
+            // may bring it back. They may come back on another node (a disk moved while the
+            // volume was failed), each on a node of its own.
+            let good: Vec<MemberIdx> = t
                 .members
                 .iter()
                 .enumerate()
                 .filter(|(_, m)| m.last_good)
                 .map(|(i, _)| i)
                 .collect();
-            // They may come back on another node (a disk moved while the volume was failed),
-            // each on a node of its own.
             let mut at: Vec<(MemberIdx, NodeId)> = Vec::new();
             for &i in &good {
-                let Some(node) = &k.members[i].present else {
-                    return Ok(Plan::Wait(Wait::NothingToRestore));
-                };
-                if at.iter().any(|(_, n)| n == node) {
-                    return Ok(Plan::Wait(Wait::NothingToRestore));
+                if let Some(node) = &k.members[i].present {
+                    if !at.iter().any(|(_, n)| n == node) {
+                        at.push((i, node.clone()));
+                    }
                 }
-                at.push((i, node.clone()));
             }
-            if at.is_empty() || at.len() < t.layout.min_readable() {
+            // One readable set of them is the source; the others may differ from it (a
+            // write in flight when the volume failed, or lost with a disk's power) and are
+            // rebuilt from it in full, like every member that was not good. Copies that kept
+            // power are preferred; ones that lost it only once every good copy is back.
+            let need = t.layout.min_readable().max(1);
+            let fresh: Vec<&(MemberIdx, NodeId)> =
+                at.iter().filter(|(i, _)| !k.members[*i].stale).collect();
+            let chosen: Vec<&(MemberIdx, NodeId)> = if fresh.len() >= need {
+                fresh.into_iter().take(need).collect()
+            } else if at.len() == good.len() && at.len() >= need {
+                at.iter().take(need).collect()
+            } else {
                 return Ok(Plan::Wait(Wait::NothingToRestore));
-            }
-            // The first readable set of them is the source; the others may differ from it
-            // (a write in flight when the volume failed, or lost with a disk's power) and
-            // are rebuilt from it in full, like every member that was not good.
-            let sources: Vec<MemberIdx> = at
-                .iter()
-                .take(t.layout.min_readable())
-                .map(|(i, _)| *i)
-                .collect();
-            for (i, node) in at {
-                next.members[i].node = node;
+            };
+            let sources: Vec<MemberIdx> = chosen.iter().map(|(i, _)| *i).collect();
+            for (i, node) in chosen {
+                next.members[*i].node = node.clone();
             }
             for (i, m) in next.members.iter_mut().enumerate() {
                 m.last_good = false;

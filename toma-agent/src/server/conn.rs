@@ -1,6 +1,7 @@
 //! One datapath connection: REGISTER binds it to a (volume, client); every other request is
 //! checked (registered, not fenced, generation g or g−1) and served concurrently.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
     let peer = conn.peer().to_string();
     let (sender, mut receiver) = conn.split();
     let mut bound: Option<Bound> = None;
+    let mut seen = SeenIds::default();
     loop {
         let frame = match receiver.recv().await {
             Ok(f) => f,
@@ -42,6 +44,16 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                 break;
             }
         };
+        // A request delivered twice is served once: a LOCK repeated after its UNLOCK would
+        // leave a lock that its client does not know it holds.
+        if frame.request_id != 0 && !seen.first_time(frame.request_id) {
+            debug!(
+                peer,
+                request = frame.request_id,
+                "duplicate request ignored"
+            );
+            continue;
+        }
         match &frame.msg {
             Message::Register { .. } => {
                 let reply = register(&agent, &frame, &sender, conn_id, &mut bound);
@@ -130,6 +142,38 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                 c.waiting_since = Some(now);
             }
         }
+    }
+}
+
+/// The request ids already served on one connection. A client numbers its requests
+/// 1, 2, 3, … on each connection; they may arrive out of order.
+#[derive(Debug, Default)]
+struct SeenIds {
+    /// Every id up to this one was seen (or is too old to matter).
+    floor: u64,
+    /// Ids above `floor` seen so far.
+    above: BTreeSet<u64>,
+}
+
+impl SeenIds {
+    /// Most ids remembered above the floor (a client that skips ids cannot grow it).
+    const WINDOW: usize = 4096;
+
+    /// Records `id`; false if it was seen before.
+    fn first_time(&mut self, id: u64) -> bool {
+        if id <= self.floor || !self.above.insert(id) {
+            return false;
+        }
+        while self.above.first() == Some(&(self.floor + 1)) {
+            self.floor += 1;
+            self.above.pop_first();
+        }
+        while self.above.len() > Self::WINDOW {
+            if let Some(low) = self.above.pop_first() {
+                self.floor = low;
+            }
+        }
+        true
     }
 }
 
@@ -300,7 +344,9 @@ async fn handle(
     if m.disk.lost_writes(m.volume, m.idx())
         && !matches!(
             frame.msg,
-            Message::ReportUnreachable { .. } | Message::FenceClient { .. }
+            Message::ReportUnreachable { .. }
+                | Message::FenceClient { .. }
+                | Message::Unlock { .. }
         )
     {
         // Reading it could return data older than acknowledged writes; the leader fails it
@@ -491,5 +537,33 @@ async fn handle(
             ErrorCode::Invalid,
             format!("{:?} is not a request a TOMA serves", other.kind()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeenIds;
+
+    #[test]
+    fn duplicates_are_recognised_in_any_order() {
+        let mut s = SeenIds::default();
+        assert!(s.first_time(1));
+        assert!(!s.first_time(1));
+        assert!(s.first_time(3));
+        assert!(s.first_time(2));
+        assert!(!s.first_time(3));
+        assert!(!s.first_time(2));
+        assert_eq!(s.floor, 3);
+        assert!(s.above.is_empty());
+    }
+
+    #[test]
+    fn skipped_ids_do_not_grow_the_window_without_bound() {
+        let mut s = SeenIds::default();
+        for id in (2..20_000u64).step_by(2) {
+            assert!(s.first_time(id));
+        }
+        assert!(s.above.len() <= SeenIds::WINDOW);
+        assert!(!s.first_time(2), "old ids count as seen");
     }
 }

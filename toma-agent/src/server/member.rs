@@ -98,6 +98,17 @@ impl Member {
             .unwrap_or(g)
     }
 
+    /// Ends every client connection registered on this member: it is no longer served here
+    /// (its volume left this node, or another member of the volume is served instead), so
+    /// its clients must register again with whatever this node serves now.
+    pub fn disconnect_clients(&self) {
+        for c in self.clients.lock().values() {
+            if let Some(s) = &c.sender {
+                s.close();
+            }
+        }
+    }
+
     /// Pushes the current topology to every connected client.
     pub async fn push_topology(&self) {
         let t = self.topology();

@@ -365,6 +365,7 @@ impl AgentInner {
                     // the old one (its extent stays on its disk) and serve the new one.
                     info!(volume = %rec.name, from = m.idx(), to = idx, "serving another member of the volume");
                     self.members.lock().remove(&rec.id);
+                    m.disconnect_clients();
                     self.local.lock().await.remove(&rec.id);
                     self.host(&rec, idx, disk).await;
                 }
@@ -383,8 +384,9 @@ impl AgentInner {
             .cloned()
             .collect();
         for m in gone {
-            info!(volume = %m.name, "volume deleted; freeing its extent");
+            info!(volume = %m.name, "the volume has no member on this node any more (deleted, or replaced); freeing its extent");
             self.members.lock().remove(&m.volume);
+            m.disconnect_clients();
             self.local.lock().await.remove(&m.volume);
             let disk = m.disk.clone();
             let (vol, idx) = (m.volume, m.idx());
@@ -478,7 +480,7 @@ impl AgentInner {
             warn!(volume = %rec.name, member = idx, "this member's disk lost power since its last flush: it may miss acknowledged writes; serving no I/O until the leader has it rebuilt in full");
             settle_lost_writes(&m, &t, idx);
         }
-        info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, "hosting member");
+        info!(volume = %rec.name, member = idx, role = %role, generation = t.generation, restarted, node = %self.cfg.node, disk = %disk.id(), "hosting member");
         self.members.lock().insert(rec.id, m.clone());
         self.record_extent(&m, &t, idx).await;
     }
