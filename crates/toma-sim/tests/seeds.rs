@@ -104,7 +104,9 @@ fn seeds_that_found_fixed_bugs_pass() {
     //     a member kept its clients' connections on the retired object (stuck generation).
     //     115: a client whose member moved nodes, with no registered TOMA left to tell it,
     //     retried reads on the old node for ever.
-    for seed in [103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14] {
+    for seed in [
+        103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14,
+    ] {
         let r = run(seed, &opts);
         assert!(
             r.violation.is_none(),
