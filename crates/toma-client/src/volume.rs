@@ -901,7 +901,7 @@ impl Inner {
                     Message::Locked { holder } => {
                         self.stats.lock_retries.fetch_add(1, Ordering::Relaxed);
                         tries += 1;
-                        if tries % 200 == 0 {
+                        if tries.is_multiple_of(200) {
                             warn!(volume = %self.volume, member = m, unit, holder = %format!("{holder:x}"), tries, "lock still held by another client");
                         }
                         backoff.wait().await;
