@@ -198,6 +198,29 @@ fn jsonpath(env: &Env, args: &[&str]) -> String {
     }
 }
 
+/// Polls `kubectl ARGS` until it prints `want`; panics with `why(last output)` after `limit`.
+async fn wait_jsonpath(
+    env: &Env,
+    args: &[&str],
+    want: &str,
+    limit: Duration,
+    why: impl Fn(&str) -> String,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let got = jsonpath(env, args);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {limit:?}: {}",
+            why(&got)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
     let Some(bin) = precheck(&["helm", "csi-provisioner", "csi-resizer"]) else {
@@ -384,30 +407,27 @@ async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
     let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(pvc));
     assert!(ok, "apply PVC: {out}");
     let t0 = std::time::Instant::now();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let phase = jsonpath(
-            &env,
-            &[
-                "-n",
-                "default",
-                "get",
-                "pvc/data",
-                "-o",
-                "jsonpath={.status.phase}",
-            ],
-        );
-        if phase == "Bound" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "PVC not Bound after 120s (phase {phase:?}); provisioner log:\n{}\ncontroller log:\n{}",
-            prov_log(),
-            env.log("controller")
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_jsonpath(
+        &env,
+        &[
+            "-n",
+            "default",
+            "get",
+            "pvc/data",
+            "-o",
+            "jsonpath={.status.phase}",
+        ],
+        "Bound",
+        Duration::from_secs(120),
+        |phase| {
+            format!(
+                "PVC not Bound (phase {phase:?}); provisioner log:\n{}\ncontroller log:\n{}",
+                prov_log(),
+                env.log("controller")
+            )
+        },
+    )
+    .await;
     eprintln!("PVC Bound in {:?}", t0.elapsed());
     let pv = jsonpath(
         &env,
@@ -504,28 +524,21 @@ async fn helm_install_then_pvc_bound_and_freed_with_chart_rbac() {
         None,
     );
     assert!(ok, "patch PVC: {out}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let cap = jsonpath(
-            &env,
-            &[
-                "get",
-                &format!("pv/{pv}"),
-                "-o",
-                "jsonpath={.spec.capacity.storage}",
-            ],
-        );
-        if cap == "160Mi" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "PV not resized after 180s (capacity {cap:?}); resizer log:\n{}\ncontroller log:\n{}",
-            resizer_log(),
-            env.log("controller")
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let pv_arg = format!("pv/{pv}");
+    wait_jsonpath(
+        &env,
+        &["get", &pv_arg, "-o", "jsonpath={.spec.capacity.storage}"],
+        "160Mi",
+        Duration::from_secs(180),
+        |cap| {
+            format!(
+                "PV not resized (capacity {cap:?}); resizer log:\n{}\ncontroller log:\n{}",
+                resizer_log(),
+                env.log("controller")
+            )
+        },
+    )
+    .await;
     eprintln!(
         "PVC resized 64Mi -> 160Mi (PV capacity) in {:?}",
         t0.elapsed()
