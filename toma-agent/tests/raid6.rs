@@ -37,7 +37,14 @@ async fn write(cl: &VolumeClient, model: &mut [u8], tag: u64, offset: u64, len: 
 /// across a stripe boundary.
 async fn write_mix(cl: &VolumeClient, model: &mut [u8], round: u64) {
     let stripe = K * CHUNK;
-    write(cl, model, round * 10, (round % STRIPES) * stripe, stripe as usize).await;
+    write(
+        cl,
+        model,
+        round * 10,
+        (round % STRIPES) * stripe,
+        stripe as usize,
+    )
+    .await;
     write(cl, model, round * 10 + 1, CHUNK - 8192, 16384).await;
     for (i, b) in [3u64, 17, 40, 77, 100, 127].iter().enumerate() {
         let off = (b * 4096 + round * 4096 * 9) % SIZE;
@@ -57,7 +64,11 @@ async fn read_all(cl: &VolumeClient, model: &[u8], when: &str) {
             panic!("{when}: stripe {s} differs at byte {pos}");
         }
     }
-    for (off, len) in [(4096u64, 8192usize), (CHUNK - 4096, 8192), (3 * CHUNK + 4096, 4096)] {
+    for (off, len) in [
+        (4096u64, 8192usize),
+        (CHUNK - 4096, 8192),
+        (3 * CHUNK + 4096, 4096),
+    ] {
         let got = cl.read(off, len).await.expect("read");
         assert_eq!(
             &got[..],
@@ -113,9 +124,17 @@ async fn raid6_survives_two_losses_and_rebuilds_both() {
     write_mix(&cl, &mut model, 2).await;
     read_all(&cl, &model, "two lost, more writes").await;
 
-    // Both come back: rebuilt together, then every stripe checked.
+    // Both come back while the leader is down (a failover): the new leader finds both
+    // returned and rebuilds them in one pass; then every stripe is checked.
+    c.crash_leader();
     c.start_agent(a).await.expect("restart");
     c.start_agent(b).await.expect("restart");
+    c.start_leader();
+    let both = c
+        .wait_topology(id, WAIT, |t| t.count(Role::W) == 2)
+        .await
+        .unwrap_or_else(|e| panic!("both returned members rebuilt in one pass: {e}"));
+    assert!(both.rebuild || both.phase() == Phase::RebuildInit, "{both}");
     wait_normal(&c, id, "after two returns").await;
     read_all(&cl, &model, "rebuilt").await;
     verify_stripes(&c, id, &model, "rebuilt").await;

@@ -129,7 +129,12 @@ mod tests {
 
     fn chunk(seed: u8, len: usize) -> Vec<u8> {
         (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed.wrapping_mul(7)) ^ seed)
+            .map(|i| {
+                (i as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed.wrapping_mul(7))
+                    ^ seed
+            })
             .collect()
     }
 

@@ -360,7 +360,10 @@ mod tests {
         t.members[2].role = Role::Dead;
         let src = raid6_sources(&t, 0).unwrap();
         assert_eq!(src, vec![0, 3, 4, 5]);
-        assert_eq!(raid6_read(&t, 0, 1), Raid6Read::Reconstruct(vec![0, 3, 4, 5]));
+        assert_eq!(
+            raid6_read(&t, 0, 1),
+            Raid6Read::Reconstruct(vec![0, 3, 4, 5])
+        );
         assert_eq!(raid6_read(&t, 0, 0), Raid6Read::Direct(0));
         t.members[3].role = Role::Dead;
         assert_eq!(raid6_sources(&t, 0), None);

@@ -96,9 +96,8 @@ impl Inner {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, Retry> {
-        let len32 = u32::try_from(len).map_err(|_| {
-            Retry::Fatal(ClientError::Protocol(format!("read of {len} bytes")))
-        })?;
+        let len32 = u32::try_from(len)
+            .map_err(|_| Retry::Fatal(ClientError::Protocol(format!("read of {len} bytes"))))?;
         match self
             .call(t, m, Message::Read { offset, len: len32 })
             .await?
@@ -169,9 +168,9 @@ impl Inner {
             .call(t, m, Message::GetLocks { units: s..s + 1 })
             .await?
         {
-            Message::Locks { locks } => Ok(locks
-                .iter()
-                .any(|l| l.unit == s && Some(l.client) != me)),
+            Message::Locks { locks } => {
+                Ok(locks.iter().any(|l| l.unit == s && Some(l.client) != me))
+            }
             other => Err(Retry::Fatal(ClientError::Protocol(format!(
                 "member {m} answered GET_LOCKS with {:?}",
                 other.kind()
