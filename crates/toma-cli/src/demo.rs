@@ -152,7 +152,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bail!("--size-mib {}: must be between 1 and 1024", args.size_mib);
     }
     let size = args.size_mib * 1024 * 1024;
-    if size % unit != 0 {
+    if !size.is_multiple_of(unit) {
         bail!(
             "--size-mib {}: a {layout} volume's size must be a multiple of its stripe ({} KiB)",
             args.size_mib,
