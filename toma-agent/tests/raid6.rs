@@ -20,7 +20,7 @@ const SIZE: u64 = STRIPES * K * CHUNK;
 fn pattern(tag: u64, offset: u64, len: usize) -> Bytes {
     Bytes::from(
         (0..len as u64)
-            .map(|i| ((offset + i) / 7 ^ tag.wrapping_mul(0x9E37)) as u8)
+            .map(|i| (((offset + i) / 7) ^ tag.wrapping_mul(0x9E37)) as u8)
             .collect::<Vec<u8>>(),
     )
 }
