@@ -298,23 +298,29 @@ impl Inner {
             self.stripe_columns(t, &sp, (ca, cb), &need).await?
         };
         let width = (cb - ca) as usize;
-        let mut cols: Vec<BytesMut> = Vec::with_capacity(sp.k);
+        let mut cols: Vec<Bytes> = Vec::with_capacity(sp.k);
         for (j, o) in old.into_iter().enumerate() {
+            let (a, b) = sp.in_chunk(j);
+            // Where chunk j's new bytes start in `data`.
+            let from = (j as u64 * sp.chunk + a).saturating_sub(sp.lo) as usize;
+            if touched.contains(&j) && a <= ca && b >= cb {
+                // Covered whole: the caller's bytes as they are, no copy.
+                let at = from + (ca - a) as usize;
+                cols.push(data.slice(at..at + width));
+                continue;
+            }
             let mut c = BytesMut::with_capacity(width);
             match o {
                 Some(o) => c.extend_from_slice(&o),
                 None => c.resize(width, 0),
             }
             if touched.contains(&j) {
-                let (a, b) = sp.in_chunk(j);
-                let from = (j as u64 * sp.chunk + a - sp.lo) as usize;
                 let len = (b - a) as usize;
                 c[(a - ca) as usize..(a - ca) as usize + len]
                     .copy_from_slice(&data[from..from + len]);
             }
-            cols.push(c);
+            cols.push(c.freeze());
         }
-        let cols: Vec<Bytes> = cols.into_iter().map(BytesMut::freeze).collect();
         let refs: Vec<&[u8]> = cols.iter().map(|c| &c[..]).collect();
         let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
         let writes = join_all(targets.iter().filter_map(|&m| {
