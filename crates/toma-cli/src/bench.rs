@@ -112,7 +112,6 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-
 #[derive(Debug, Clone, Copy, Default)]
 struct Numbers {
     iops: f64,

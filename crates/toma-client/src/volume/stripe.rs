@@ -28,6 +28,20 @@ use crate::error::ClientError;
 use crate::raid6::{align_columns, encode, reconstruct};
 use crate::range::UnitPart;
 
+/// The old columns a write read, kept for its next attempt: a write that reached some
+/// members and not others (a member died, a TOMA was behind) is redone from the same old
+/// bytes — read again, they could be a mix of its own first attempt and the old stripe,
+/// which reconstructs into garbage when a data member is missing. Valid only while the
+/// writer held the stripe's locks without a break.
+#[derive(Default)]
+pub(super) struct OldColumns(Option<((u64, u64), Vec<Option<Bytes>>)>);
+
+impl OldColumns {
+    pub(super) fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// Where a request lands in its stripe.
 struct Span {
     stripe: u64,
@@ -269,6 +283,7 @@ impl Inner {
         p: UnitPart,
         data: &Bytes,
         held: &mut BTreeSet<DiskId>,
+        cache: &mut OldColumns,
     ) -> Result<(), Retry> {
         let sp = Span::new(t, &p);
         let s = sp.stripe;
@@ -279,6 +294,11 @@ impl Inner {
             return Err(Retry::Topology);
         }
         held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        let kept = lock_set.iter().all(|&m| held.contains(&t.members[m].disk));
+        if !kept {
+            // A lock had to be taken (again): another writer may have been in between.
+            cache.forget();
+        }
         self.take_locks(t, s, &lock_set, held).await?;
         if let Some(d) = sets_dirty(t, s).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, s, &d, true).await?;
@@ -292,10 +312,14 @@ impl Inner {
                 !(touched.contains(&j) && a <= ca && b >= cb)
             })
             .collect();
-        let old = if need.is_empty() {
-            vec![None; sp.k]
-        } else {
-            self.stripe_columns(t, &sp, (ca, cb), &need).await?
+        let old = match &cache.0 {
+            Some((cols, old)) if *cols == (ca, cb) => old.clone(),
+            _ if need.is_empty() => vec![None; sp.k],
+            _ => {
+                let old = self.stripe_columns(t, &sp, (ca, cb), &need).await?;
+                cache.0 = Some(((ca, cb), old.clone()));
+                old
+            }
         };
         let width = (cb - ca) as usize;
         let mut cols: Vec<Bytes> = Vec::with_capacity(sp.k);
