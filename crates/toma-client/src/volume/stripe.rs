@@ -34,7 +34,10 @@ use crate::range::UnitPart;
 /// which reconstructs into garbage when a data member is missing. Valid only while the
 /// writer held the stripe's locks without a break.
 #[derive(Default)]
-pub(super) struct OldColumns(Option<((u64, u64), Vec<Option<Bytes>>)>);
+pub(super) struct OldColumns(Option<(Columns, Vec<Option<Bytes>>)>);
+
+/// An in-chunk byte range `[from, to)` of every chunk of a stripe.
+type Columns = (u64, u64);
 
 impl OldColumns {
     pub(super) fn forget(&mut self) {
