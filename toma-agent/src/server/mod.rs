@@ -662,7 +662,7 @@ fn settle_lost_writes(m: &Member, t: &Topology, idx: usize) {
         return;
     };
     let full = me.full_rebuild;
-    let last = me.role == Role::Rwl && t.count(Role::Rwl) <= t.layout.min_readable();
+    let last = t.is_last_readable(idx);
     if (full || last) && m.disk.settle_lost_writes(m.volume, idx) {
         info!(volume = %m.name, member = idx, generation = t.generation, full_rebuild = full, "the leader took this member's lost writes into account; serving again");
     }
