@@ -46,7 +46,7 @@ use toma_crds::{
 use tracing::{debug, info, warn};
 
 use crate::error::{cp_error, status_of};
-use crate::guard::{judge, Accepted, Verdict};
+use crate::guard::{judge, Accepted, Observer, Verdict};
 use crate::metrics::Metrics;
 
 /// Something the operator tells humans through a Kubernetes Event on a `TomaTopology`.
@@ -95,6 +95,9 @@ pub struct KubeControlPlane {
     /// refused locally (`Deposed`) before it reaches the apiserver.
     lost_lease: AtomicBool,
     accepted: Mutex<BTreeMap<String, Accepted>>,
+    /// The epoch this process leads (took the Lease with), if it ever did: for that epoch it
+    /// wrote every topology step itself (see `guard::Observer`).
+    led: Mutex<Option<Epoch>>,
     /// `(name, resourceVersion)` already reported as refused (one Event per bad version).
     refused: Mutex<BTreeMap<String, String>>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
@@ -176,6 +179,7 @@ impl KubeControlPlane {
             cfg,
             lost_lease: AtomicBool::new(false),
             accepted: Mutex::new(BTreeMap::new()),
+            led: Mutex::new(None),
             refused: Mutex::new(BTreeMap::new()),
             notices,
             metrics,
@@ -236,8 +240,13 @@ impl KubeControlPlane {
             }
         };
         let epoch = obj.spec.leader_epoch;
+        let who = if *self.led.lock() == Some(epoch) {
+            Observer::Writer
+        } else {
+            Observer::Reader
+        };
         let mut acc = self.accepted.lock();
-        match judge(acc.get(&name), &t, epoch) {
+        match judge(acc.get(&name), &t, epoch, who) {
             Verdict::Accept => {
                 let prev_epoch = acc.get(&name).map_or(0, |a| a.epoch);
                 acc.insert(
@@ -705,6 +714,7 @@ impl ControlPlane for KubeControlPlane {
             });
         }
         self.stamp_epoch(epoch).await?;
+        *self.led.lock() = Some(epoch);
         self.lost_lease.store(false, Ordering::SeqCst);
         self.metrics
             .epoch
