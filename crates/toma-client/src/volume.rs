@@ -798,11 +798,13 @@ impl Inner {
     async fn write_unit(self: &Arc<Self>, p: UnitPart, data: Bytes) -> Result<(), ClientError> {
         let _local = self.local_locks.lock(p.unit).await;
         let mut held: BTreeSet<DiskId> = BTreeSet::new();
+        let mut old = stripe::OldColumns::default();
         let mut backoff = Backoff::new();
         loop {
             let (t, guard) = self.begin_io();
             let res = if self.spec.layout.is_raid6() {
-                self.try_write_stripe(&t, p, &data, &mut held).await
+                self.try_write_stripe(&t, p, &data, &mut held, &mut old)
+                    .await
             } else {
                 self.try_write(&t, p, &data, &mut held).await
             };
@@ -813,6 +815,7 @@ impl Inner {
                 Err(Retry::Backoff) => backoff.wait().await,
                 Err(Retry::Fenced) => {
                     held.clear();
+                    old.forget();
                     backoff.wait().await;
                 }
                 Err(Retry::Fatal(e)) => {

@@ -28,6 +28,23 @@ use crate::error::ClientError;
 use crate::raid6::{align_columns, encode, reconstruct};
 use crate::range::UnitPart;
 
+/// The old columns a write read, kept for its next attempt: a write that reached some
+/// members and not others (a member died, a TOMA was behind) is redone from the same old
+/// bytes — read again, they could be a mix of its own first attempt and the old stripe,
+/// which reconstructs into garbage when a data member is missing. Valid only while the
+/// writer held the stripe's locks without a break.
+#[derive(Default)]
+pub(super) struct OldColumns(Option<(Columns, Vec<Option<Bytes>>)>);
+
+/// An in-chunk byte range `[from, to)` of every chunk of a stripe.
+type Columns = (u64, u64);
+
+impl OldColumns {
+    pub(super) fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// Where a request lands in its stripe.
 struct Span {
     stripe: u64,
@@ -269,6 +286,7 @@ impl Inner {
         p: UnitPart,
         data: &Bytes,
         held: &mut BTreeSet<DiskId>,
+        cache: &mut OldColumns,
     ) -> Result<(), Retry> {
         let sp = Span::new(t, &p);
         let s = sp.stripe;
@@ -279,6 +297,11 @@ impl Inner {
             return Err(Retry::Topology);
         }
         held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        let kept = lock_set.iter().all(|&m| held.contains(&t.members[m].disk));
+        if !kept {
+            // A lock had to be taken (again): another writer may have been in between.
+            cache.forget();
+        }
         self.take_locks(t, s, &lock_set, held).await?;
         if let Some(d) = sets_dirty(t, s).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, s, &d, true).await?;
@@ -292,29 +315,39 @@ impl Inner {
                 !(touched.contains(&j) && a <= ca && b >= cb)
             })
             .collect();
-        let old = if need.is_empty() {
-            vec![None; sp.k]
-        } else {
-            self.stripe_columns(t, &sp, (ca, cb), &need).await?
+        let old = match &cache.0 {
+            Some((cols, old)) if *cols == (ca, cb) => old.clone(),
+            _ if need.is_empty() => vec![None; sp.k],
+            _ => {
+                let old = self.stripe_columns(t, &sp, (ca, cb), &need).await?;
+                cache.0 = Some(((ca, cb), old.clone()));
+                old
+            }
         };
         let width = (cb - ca) as usize;
-        let mut cols: Vec<BytesMut> = Vec::with_capacity(sp.k);
+        let mut cols: Vec<Bytes> = Vec::with_capacity(sp.k);
         for (j, o) in old.into_iter().enumerate() {
+            let (a, b) = sp.in_chunk(j);
+            // Where chunk j's new bytes start in `data`.
+            let from = (j as u64 * sp.chunk + a).saturating_sub(sp.lo) as usize;
+            if touched.contains(&j) && a <= ca && b >= cb {
+                // Covered whole: the caller's bytes as they are, no copy.
+                let at = from + (ca - a) as usize;
+                cols.push(data.slice(at..at + width));
+                continue;
+            }
             let mut c = BytesMut::with_capacity(width);
             match o {
                 Some(o) => c.extend_from_slice(&o),
                 None => c.resize(width, 0),
             }
             if touched.contains(&j) {
-                let (a, b) = sp.in_chunk(j);
-                let from = (j as u64 * sp.chunk + a - sp.lo) as usize;
                 let len = (b - a) as usize;
                 c[(a - ca) as usize..(a - ca) as usize + len]
                     .copy_from_slice(&data[from..from + len]);
             }
-            cols.push(c);
+            cols.push(c.freeze());
         }
-        let cols: Vec<Bytes> = cols.into_iter().map(BytesMut::freeze).collect();
         let refs: Vec<&[u8]> = cols.iter().map(|c| &c[..]).collect();
         let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
         let writes = join_all(targets.iter().filter_map(|&m| {
