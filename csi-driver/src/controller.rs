@@ -208,8 +208,10 @@ impl Controller for ControllerService {
             return self.existing(rec, &params, &range, fs).await;
         }
         let layout = params.layout;
+        let candidates = self.candidates().await?;
+        check_failure_domains(&candidates, layout).map_err(Status::resource_exhausted)?;
         let chosen = choose_disks(
-            &self.candidates().await?,
+            &candidates,
             layout,
             spec.member_bytes(),
             layout.members(),
@@ -519,6 +521,32 @@ impl ControllerService {
     }
 }
 
+/// Refuses a layout with more members than there are failure domains (nodes with a
+/// healthy disk): members go to distinct nodes, so no amount of free space would do. The
+/// message names the parameter that sets the member count (`dataMembers` or `mirrors`).
+pub fn check_failure_domains(cands: &[Candidate], layout: Layout) -> Result<(), String> {
+    let mut nodes: Vec<&str> = cands.iter().map(|c| c.node.0.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let want = layout.members();
+    if want <= nodes.len() {
+        return Ok(());
+    }
+    let param = match layout {
+        Layout::Raid1 { mirrors } => format!("mirrors = {mirrors}: {layout} needs {want} members"),
+        Layout::Raid6 { data } => {
+            format!("dataMembers = {data}: {layout} needs {want} members (dataMembers + P + Q)")
+        }
+    };
+    let have = match nodes.len() {
+        1 => "only 1 node has".to_string(),
+        n => format!("only {n} nodes have"),
+    };
+    Err(format!(
+        "{param} on distinct nodes (failure domains), but {have} a healthy disk"
+    ))
+}
+
 /// The largest volume of `layout` that could be placed now: its members need one disk each
 /// on distinct nodes, so the member size is the `members()`-th largest per-node free extent.
 pub fn largest_volume(cands: &[Candidate], layout: Layout, chunk_size: u32) -> u64 {
@@ -567,6 +595,33 @@ mod tests {
         assert_eq!(largest_volume(&cands, r1x3, 65536), 5 << 20);
         let r6 = Layout::raid6(2).unwrap();
         assert_eq!(largest_volume(&cands, r6, 65536), 0);
+    }
+
+    #[test]
+    fn more_members_than_nodes_is_refused_naming_the_parameter() {
+        let c = |d: u128, n: &str| Candidate {
+            disk: DiskId(d),
+            node: n.into(),
+            free: 1 << 30,
+        };
+        // Two disks on node a: still three failure domains.
+        let cands = [c(1, "a"), c(2, "a"), c(3, "b"), c(4, "c")];
+        let e = check_failure_domains(&cands, Layout::raid6(4).unwrap()).unwrap_err();
+        assert!(
+            e.contains("dataMembers = 4") && e.contains("6 members") && e.contains("only 3 nodes"),
+            "{e}"
+        );
+        assert!(check_failure_domains(&cands, Layout::raid6(2).unwrap())
+            .unwrap_err()
+            .contains("only 3 nodes"));
+        assert!(check_failure_domains(&cands, Layout::raid1(3).unwrap()).is_ok());
+        let e = check_failure_domains(&cands[..2], Layout::raid1(2).unwrap()).unwrap_err();
+        assert!(
+            e.contains("mirrors = 2") && e.contains("only 1 node has"),
+            "{e}"
+        );
+        let six: Vec<Candidate> = (0..6).map(|i| c(i, &format!("n{i}"))).collect();
+        assert!(check_failure_domains(&six, Layout::raid6(4).unwrap()).is_ok());
     }
 
     #[test]

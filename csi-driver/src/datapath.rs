@@ -310,14 +310,9 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("attaching volume {id}"))
     })?;
+    // RAID1 and RAID6 alike: the client splits requests into lock units (chunks or
+    // stripes) and does the mirroring or the P/Q read-modify-write itself.
     let spec = client.spec();
-    if spec.layout.is_raid6() {
-        let _ = rt.block_on(client.detach());
-        bail!(
-            "volume {id} is {}: this datapath client serves RAID1 volumes only",
-            spec.layout
-        );
-    }
     let size = Arc::new(AtomicU64::new(spec.size));
     let fs = VolumeFs {
         client: client.clone(),
@@ -342,7 +337,7 @@ pub fn run(args: DatapathArgs) -> anyhow::Result<()> {
     };
     std::fs::write(args.dir.join("ready"), std::process::id().to_string())
         .context("writing the ready file")?;
-    info!(volume = %id, size = spec.size, dir = %fuse_dir.display(), "datapath serving");
+    info!(volume = %id, layout = %spec.layout, size = spec.size, dir = %fuse_dir.display(), "datapath serving");
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;

@@ -547,12 +547,6 @@ impl Node for NodeService {
             .await
             .map_err(cp_status)?
             .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
-        if rec.value.spec.layout.is_raid6() {
-            return Err(Status::failed_precondition(format!(
-                "volume {id} is {}: the node plugin's datapath serves RAID1 volumes only",
-                rec.value.spec.layout
-            )));
-        }
         let vols: kube::Api<toma_crds::TomaVolume> = kube::Api::all(self.client.clone());
         let obj = vols
             .get(&rec.value.name)

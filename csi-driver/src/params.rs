@@ -126,8 +126,9 @@ impl VolumeParams {
             .ok_or_else(|| format!("capacity_range: {want} bytes is too large"))?;
         if limit > 0 && size > limit {
             return Err(format!(
-                "capacity_range: the smallest size >= {want} bytes that {} can hold is {size} bytes, over limit_bytes {limit}",
-                self.layout
+                "capacity_range: the smallest size >= {want} bytes that {} can hold ({}) is {size} bytes, over limit_bytes {limit}",
+                self.layout,
+                unit_desc(self.layout, self.chunk_size)
             ));
         }
         VolumeSpec::new(self.layout, u64::from(self.chunk_size), size).map_err(|e| e.to_string())
@@ -165,11 +166,26 @@ pub fn expand_size(spec: &VolumeSpec, required: i64, limit: i64) -> Result<u64, 
         .ok_or_else(|| format!("capacity_range: {required} bytes is too large"))?;
     if limit > 0 && size > limit {
         return Err(format!(
-            "capacity_range: the smallest size >= {required} bytes that {} can hold is {size} bytes, over limit_bytes {limit}",
-            spec.layout
+            "capacity_range: the smallest size >= {required} bytes that {} can hold ({}) is {size} bytes, over limit_bytes {limit}",
+            spec.layout,
+            unit_desc(spec.layout, spec.chunk_size)
         ));
     }
     Ok(size)
+}
+
+/// What a size of `layout` must be a multiple of, naming the parameters: the lock unit
+/// (the chunk for RAID1, the stripe `chunkSize × dataMembers` for RAID6) and 1 MiB.
+fn unit_desc(layout: Layout, chunk_size: u32) -> String {
+    let unit = u64::from(chunk_size) * layout.data_chunks_per_unit();
+    match layout {
+        Layout::Raid1 { .. } => format!(
+            "a multiple of chunkSize {chunk_size} and of {SIZE_ALIGN} bytes"
+        ),
+        Layout::Raid6 { data } => format!(
+            "a multiple of the stripe, chunkSize {chunk_size} x dataMembers {data} = {unit} bytes, and of {SIZE_ALIGN} bytes"
+        ),
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -306,6 +322,33 @@ mod tests {
             .unwrap_err()
             .contains("required_bytes"));
         assert!(expand_size(&s, -1, 0).is_err());
+    }
+
+    #[test]
+    fn raid6_sizes_stay_whole_stripes() {
+        // 4+2 with 64 KiB chunks: a 256 KiB stripe, so 1 MiB multiples are whole stripes;
+        // 5 data members with 64 KiB chunks: a 320 KiB stripe, lcm with 1 MiB = 5 MiB.
+        let v = VolumeParams::parse(&p(&[("raid", "raid6"), ("dataMembers", "5")])).unwrap();
+        let s = v.spec_for(96 << 20, 0).unwrap();
+        assert_eq!(s.size, 100 << 20);
+        assert_eq!(s.size % s.unit_bytes(), 0);
+        let grown = expand_size(&s, (100 << 20) + 1, 0).unwrap();
+        assert_eq!(grown, 105 << 20);
+        assert_eq!(grown % (5 * 65536), 0, "whole stripes");
+        assert!(s.grown(grown).is_ok());
+        // A limit that leaves no whole stripe above the request: refused, naming the stripe.
+        let e = expand_size(&s, (100 << 20) + 1, 104 << 20).unwrap_err();
+        assert!(
+            e.contains("stripe")
+                && e.contains("chunkSize 65536 x dataMembers 5 = 327680")
+                && e.contains("limit_bytes"),
+            "{e}"
+        );
+        let e = v.spec_for(1, 4 << 20).unwrap_err();
+        assert!(e.contains("dataMembers 5"), "{e}");
+        let r1 = VolumeParams::parse(&p(&[("chunkSize", "4Mi")])).unwrap();
+        let e = r1.spec_for(1, 2 << 20).unwrap_err();
+        assert!(e.contains("chunkSize 4194304"), "{e}");
     }
 
     #[test]

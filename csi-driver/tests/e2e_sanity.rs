@@ -171,8 +171,17 @@ async fn bad_input(env: &Env, ctrl: &Path, node: &Path, root: &Path) {
             Code::InvalidArgument,
             "colour",
         ),
-        // Three nodes cannot hold RAID6 4+2.
-        (vec![("raid", "raid6")], Code::ResourceExhausted, "capacity"),
+        // Three nodes (failure domains) cannot hold RAID6 4+2 (six members) nor 2+2.
+        (
+            vec![("raid", "raid6")],
+            Code::ResourceExhausted,
+            "dataMembers = 4: raid6-4+2 needs 6 members",
+        ),
+        (
+            vec![("raid", "raid6"), ("dataMembers", "2")],
+            Code::ResourceExhausted,
+            "dataMembers = 2",
+        ),
     ] {
         let e = c
             .create_volume(create("bad-params", &params, 64 << 20))
@@ -180,6 +189,13 @@ async fn bad_input(env: &Env, ctrl: &Path, node: &Path, root: &Path) {
             .expect_err("bad parameters refused");
         assert_eq!(e.code(), code, "{params:?}: {e:?}");
         assert!(e.message().contains(needle), "{params:?}: {}", e.message());
+        if code == Code::ResourceExhausted {
+            assert!(
+                e.message().contains("only 3 nodes have a healthy disk"),
+                "{params:?}: the node count: {}",
+                e.message()
+            );
+        }
     }
     let e = c
         .create_volume(create("too-big", &[], 1 << 40))
