@@ -1,9 +1,10 @@
 //! RAID6 reads, writes and stripe copies (the lock unit is the stripe: k data chunks + P + Q,
 //! rotated across the members by `toma_core::placement`).
 //!
-//! - A read takes data chunks from their members when those are RWL, otherwise k RWL
-//!   members' columns reconstructed; then it tests the stripe's lock on its lock member
-//!   (after the reads: one READ_TEST_LOCK when the chunk is on that member).
+//! - A read takes data chunks from their members when those are RWL and then tests the
+//!   stripe's lock on its lock member (after the reads: one READ_TEST_LOCK when the chunk is
+//!   on that member); otherwise it takes the stripe's locks and reconstructs from k RWL
+//!   members' columns.
 //! - A write, under the stripe's locks (and dirty bits when a member is DEAD), reads the old
 //!   columns of the data chunks it does not cover, computes P and Q of the touched columns
 //!   (4 KiB-aligned) and writes the touched data chunks, P and Q to every non-DEAD member
@@ -262,16 +263,34 @@ impl Inner {
                 out.extend_from_slice(&r?);
             }
         } else {
-            let cols = sp.columns();
-            let need: Vec<usize> = chunks.clone().collect();
-            let data = self.stripe_columns(t, &sp, cols, &need).await?;
-            for j in chunks {
-                let (a, b) = sp.in_chunk(j);
-                let d = data[j].as_ref().ok_or_else(|| {
-                    Retry::Fatal(ClientError::Protocol(format!("RAID6 chunk {j} not read")))
-                })?;
-                out.extend_from_slice(&d[(a - cols.0) as usize..(b - cols.0) as usize]);
+            // A read that decodes several members' shards takes the stripe's locks, like a
+            // writer: a write could reach one member before these reads and another after,
+            // and be done before a test after the read (found by the model checker), and
+            // mixed shards decode into bytes no write wrote.
+            let _local = self.local_locks.lock(s).await;
+            let lock_set = locks(t, s);
+            if lock_set.is_empty() {
+                return Err(Retry::Topology);
             }
+            let mut held = BTreeSet::new();
+            let res: Result<(), Retry> = async {
+                self.take_locks(t, s, &lock_set, &mut held).await?;
+                let cols = sp.columns();
+                let need: Vec<usize> = chunks.clone().collect();
+                let data = self.stripe_columns(t, &sp, cols, &need).await?;
+                for j in chunks {
+                    let (a, b) = sp.in_chunk(j);
+                    let d = data[j].as_ref().ok_or_else(|| {
+                        Retry::Fatal(ClientError::Protocol(format!("RAID6 chunk {j} not read")))
+                    })?;
+                    out.extend_from_slice(&d[(a - cols.0) as usize..(b - cols.0) as usize]);
+                }
+                Ok(())
+            }
+            .await;
+            self.unlock_all(t, s, &mut held).await;
+            res?;
+            return Ok(Some(out.freeze()));
         }
         // Test after read: a writer that held the stripe during the reads is seen.
         if self.locked_by_other(t, place, s).await? {
