@@ -1882,9 +1882,7 @@ impl Model for TomaModel {
                     let mut got = 0;
                     let mut cells = [[0; K]; MAX_MEMBERS];
                     for j in 0..self.k() {
-                        let Some(set) = self.raid6_read_set(topo, chunk, j) else {
-                            return None;
-                        };
+                        let set = self.raid6_read_set(topo, chunk, j)?;
                         for m in (0..self.n()).filter(|&m| set & bit(m) != 0) {
                             got |= bit(m);
                             cells[m] = s.disks[m].data[ch];
@@ -1899,9 +1897,8 @@ impl Model for TomaModel {
                     let src = read_member(topo, u64::from(chunk))?;
                     s.disks[src].data[ch]
                 };
-                let cells: Vec<Cell> = (0..self.n())
-                    .map(|w| self.cell_for(topo, chunk, w, v))
-                    .collect();
+                let n = self.n();
+                let cells: Vec<Cell> = (0..n).map(|w| self.cell_for(topo, chunk, w, v)).collect();
                 s.tomas[h].locks[ch] = Some(REBUILDER);
                 s.tomas[h].rebuild = Some(RebuildOp {
                     chunk,
@@ -1909,7 +1906,7 @@ impl Model for TomaModel {
                     pending: targets,
                     ok: 0,
                 });
-                for w in 0..self.n() {
+                for (w, cell) in cells.into_iter().enumerate() {
                     if targets & bit(w) != 0 && s.tomas[w].up {
                         s.send(Msg::Req {
                             from: REBUILDER,
@@ -1917,7 +1914,7 @@ impl Model for TomaModel {
                             gen,
                             req: Req::Write {
                                 chunk,
-                                data: Some(cells[w]),
+                                data: Some(cell),
                                 dirty: 0,
                             },
                         });
