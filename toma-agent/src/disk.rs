@@ -32,6 +32,10 @@ pub struct Disk {
     /// flush (see [`superblock::open_on`]). Each stays here until the leader has it rebuilt
     /// in full (or chooses it as the only copy left).
     lost_writes: Mutex<BTreeSet<(VolumeId, MemberIdx)>>,
+    /// `true` once [`detach`](Self::detach)ed. Every data write holds it shared, so a detach
+    /// (which takes it exclusively) waits for the writes in flight and no write lands after
+    /// the final flush.
+    detached: parking_lot::RwLock<bool>,
 }
 
 impl Disk {
@@ -91,6 +95,7 @@ impl Disk {
             members: Mutex::new(HashMap::new()),
             alloc: Mutex::new(()),
             lost_writes: Mutex::new(BTreeSet::new()),
+            detached: parking_lot::RwLock::new(false),
         }
     }
 
@@ -106,9 +111,15 @@ impl Disk {
         self.lost_writes.lock().remove(&(volume, member))
     }
 
-    /// Clean detach (orderly shutdown): flushes, then records that no host holds the disk,
-    /// so the next open trusts its contents. Call only once no more writes can arrive.
+    /// Clean detach (orderly shutdown): waits for the data writes in flight, refuses every
+    /// later one, flushes, then records that no host holds the disk, so the next open (after
+    /// a reboot, or on another host) trusts its contents. Idempotent.
     pub fn detach(&self) -> Result<(), SuperblockError> {
+        let mut gate = self.detached.write();
+        if *gate {
+            return Ok(());
+        }
+        *gate = true;
         let mut sb = self.sb.lock();
         superblock::detach(self.dev.as_ref(), &mut sb)
     }
@@ -215,6 +226,12 @@ impl Disk {
         buf: &[u8],
     ) -> Result<(), SuperblockError> {
         let at = self.member_offset(volume, member, offset, buf.len())?;
+        let gate = self.detached.read();
+        if *gate {
+            return Err(SuperblockError::Detached {
+                device: self.name().to_string(),
+            });
+        }
         Ok(self.dev.write_at(buf, at)?)
     }
 
@@ -353,6 +370,12 @@ impl Disk {
             )));
         }
         let zeros = vec![0u8; superblock::EXTENT_ALIGN as usize];
+        let gate = self.detached.read();
+        if *gate {
+            return Err(SuperblockError::Detached {
+                device: self.name().to_string(),
+            });
+        }
         let mut at = e.end();
         while at < end {
             self.dev.write_at(&zeros, at)?;

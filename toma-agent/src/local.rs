@@ -125,7 +125,12 @@ impl LocalCluster {
         Ok(c)
     }
 
-    fn start_leader(&mut self) {
+    /// Starts a leader (again, after [`crash_leader`](Self::crash_leader)): it takes the
+    /// leadership with a new epoch and learns the cluster afresh.
+    pub fn start_leader(&mut self) {
+        if self.leader.is_some() {
+            return;
+        }
         let cfg = LeaderConfig {
             name: "embedded-leader".into(),
             node_timeout: self.timers.node_timeout,
@@ -356,6 +361,13 @@ impl LocalCluster {
             if let Some(pos) = c.iter().zip(&contents[0].1).position(|(a, b)| a != b) {
                 panic!("member {i} differs from member 0 at byte {pos}");
             }
+        }
+    }
+
+    /// Kills the leader like a crash: no topology changes until [`start_leader`](Self::start_leader).
+    pub fn crash_leader(&mut self) {
+        if let Some(l) = self.leader.take() {
+            l.abort();
         }
     }
 

@@ -48,14 +48,35 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let _agent = match toma_agent::k8s::start(&cli.serve, &node, &disks).await {
+        let agent = match toma_agent::k8s::start(&cli.serve, &node, &disks).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("toma-agent: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
-        let _ = tokio::signal::ctrl_c().await;
+        // SIGTERM (kubelet, systemd, a reboot) or SIGINT: an orderly shutdown detaches the
+        // disks, so the next boot trusts them. SIGKILL is a crash, like a power loss.
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("toma-agent: cannot watch SIGTERM: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let failed = agent.shutdown();
+        for (disk, why) in &failed {
+            eprintln!("toma-agent: disk {disk} not detached cleanly ({why}); it is rebuilt in full if this host reboots");
+        }
+        eprintln!(
+            "toma-agent: shut down; {} of {} disks detached cleanly",
+            disks.len() - failed.len(),
+            disks.len()
+        );
         ExitCode::SUCCESS
     })
 }

@@ -177,6 +177,8 @@ pub enum CopyError {
 pub enum SuperblockError {
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("disk {device} was detached (the agent is shutting down): no more writes to it")]
+    Detached { device: String },
     #[error("disk {device} is too small: {size} bytes, Toma needs at least {MIN_DISK_SIZE} (1 MiB superblock area + one 1 MiB extent)")]
     TooSmall { device: String, size: u64 },
     #[error("disk {device} has no Toma superblock (its first MiB is all zero): format it first")]

@@ -59,7 +59,12 @@ fn a_disk_left_attached_by_another_boot_may_have_lost_writes() {
     assert!(!d.lost_writes(vol, 1), "only members it holds");
     assert!(d.settle_lost_writes(vol, 0));
     assert!(!d.lost_writes(vol, 0));
-    // A clean detach (orderly shutdown) makes the next boot trust it.
+    // A clean detach (orderly shutdown) makes the next boot trust it; no write lands after
+    // it (the final flush is the last word), and a second detach changes nothing.
+    d.write_member(vol, 0, 0, &[0x11; 4096]).unwrap();
+    d.detach().unwrap();
+    let e = d.write_member(vol, 0, 4096, &[0x22; 4096]).unwrap_err();
+    assert!(e.to_string().contains("detached"), "{e}");
     d.detach().unwrap();
     drop(d);
     let d = Disk::open_on(dev(&p), CLUSTER, host_a).unwrap();
@@ -68,6 +73,16 @@ fn a_disk_left_attached_by_another_boot_may_have_lost_writes() {
         d.extent(vol, 0).map(|e| e.length),
         Some(MIB),
         "nothing else changed"
+    );
+    let mut buf = vec![0u8; 8192];
+    d.read_member(vol, 0, 0, &mut buf).unwrap();
+    assert!(
+        buf[..4096].iter().all(|&b| b == 0x11),
+        "the write before the detach is there"
+    );
+    assert!(
+        buf[4096..].iter().all(|&b| b == 0),
+        "the refused write is not"
     );
 }
 

@@ -34,7 +34,9 @@ interleaved per workload. Prints one table (IOPS, MB/s, p50/p99 completion laten
 ratios Toma/qemu-nbd and Toma/direct); --json writes the same."
 )]
 pub struct BenchArgs {
-    /// Protection of the Toma volume (raid1 only for now).
+    /// Protection of the Toma volume: raid1 (against qemu-nbd and the raw file), or raid6
+    /// (a 4+2 volume over 6 agents against a RAID1 volume of the same cluster and qemu-nbd,
+    /// plus the P/Q encode rate of one core).
     #[arg(long, default_value = "raid1")]
     pub raid: String,
     /// Seconds of fio per workload and target (split over the rounds).
@@ -110,8 +112,6 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-const TARGETS: [&str; 3] = ["toma", "qemu-nbd", "direct"];
-
 #[derive(Debug, Clone, Copy, Default)]
 struct Numbers {
     iops: f64,
@@ -131,8 +131,8 @@ fn have(cmd: &str) -> bool {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.raid != "raid1" {
-        bail!("--raid {}: only raid1 is implemented", args.raid);
+    if args.raid != "raid1" && args.raid != "raid6" {
+        bail!("--raid {}: must be raid1 or raid6", args.raid);
     }
     let missing: Vec<&str> = ["fio", "qemu-nbd"]
         .into_iter()
@@ -201,9 +201,42 @@ impl Drop for QemuNbd {
     }
 }
 
+/// RAID6 P/Q encode rate of one core: GB of data (4 data chunks of 64 KiB per stripe)
+/// encoded per second, over about a second.
+fn encode_rate() -> Result<f64> {
+    let chunk = 64 * 1024;
+    let data: Vec<Vec<u8>> = (0..4u8)
+        .map(|j| (0..chunk).map(|i| (i as u8).wrapping_mul(j + 3)).collect())
+        .collect();
+    let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    while started.elapsed() < Duration::from_secs(1) {
+        for _ in 0..64 {
+            let (p, q) = toma_client::raid6::encode(&refs).map_err(anyhow::Error::msg)?;
+            std::hint::black_box((p, q));
+            bytes += 4 * chunk as u64;
+        }
+    }
+    Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e9)
+}
+
 async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
     let size = args.size_mib << 20;
-    let disk_size = size + (64 << 20);
+    let raid6 = args.raid == "raid6";
+    // RAID6 mode: one cluster holds both the RAID6 4+2 volume (size / 4 per member) and
+    // the RAID1 volume it is compared with (size on 2 of the 6 disks).
+    let disk_size = if raid6 {
+        size + size / 4 + (64 << 20)
+    } else {
+        size + (64 << 20)
+    };
+    let nodes = if raid6 { 6 } else { 2 };
+    let names: [&str; 3] = if raid6 {
+        ["raid6", "raid1", "qemu-nbd"]
+    } else {
+        ["toma", "qemu-nbd", "direct"]
+    };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "toma bench: {} MiB per target, {} s per workload and target in {} round(s), scratch {} (load {})",
@@ -216,7 +249,7 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
     // Backing files, fully written.
     let t0 = Instant::now();
     let cluster_dir = dir.join("cluster");
-    for n in 1..=2 {
+    for n in 1..=nodes {
         let nd = cluster_dir.join(format!("node{n}"));
         std::fs::create_dir_all(&nd)?;
         fill(&nd.join("disk0.img"), disk_size, 1 << 20)?;
@@ -230,16 +263,37 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    // Toma: 2 agents, a RAID1 volume, the NBD server in this process.
-    let cluster = LocalCluster::start(&cluster_dir, 2, 1, disk_size, LocalTimers::default())
+    // Toma: the agents, a RAID1 volume (and in RAID6 mode a RAID6 one), each served by the
+    // NBD server in this process.
+    let cluster = LocalCluster::start(&cluster_dir, nodes, 1, disk_size, LocalTimers::default())
         .await
         .context("starting the local cluster")?;
-    let layout = Layout::raid1(2).map_err(anyhow::Error::msg)?;
-    let (client, _) = attach(&cluster, "bench", layout, size).await?;
-    let sock = dir.join("toma.sock");
-    let listener = NbdListener::bind(&format!("unix:{}", sock.display())).await?;
-    let toma_uri = listener.uri();
-    let server = tokio::spawn(serve_nbd(client.clone(), listener));
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    let mut uris = Vec::new();
+    let layouts = if raid6 {
+        vec![
+            Layout::raid6(4).map_err(anyhow::Error::msg)?,
+            Layout::raid1(2).map_err(anyhow::Error::msg)?,
+        ]
+    } else {
+        vec![Layout::raid1(2).map_err(anyhow::Error::msg)?]
+    };
+    for (i, layout) in layouts.into_iter().enumerate() {
+        let (client, _) = attach(&cluster, &format!("bench{i}"), layout, size).await?;
+        let sock = dir.join(format!("toma{i}.sock"));
+        let listener = NbdListener::bind(&format!("unix:{}", sock.display())).await?;
+        uris.push(listener.uri());
+        servers.push(tokio::spawn(serve_nbd(client.clone(), listener)));
+        clients.push(client);
+    }
+    let encode_gbps = if raid6 {
+        let r = encode_rate()?;
+        println!("RAID6 4+2 P/Q encode: {r:.2} GB/s of data on one core (64 KiB chunks)");
+        Some(r)
+    } else {
+        None
+    };
 
     // qemu-nbd over its own file.
     let qsock = dir.join("qemu.sock");
@@ -290,14 +344,15 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
                 order.reverse();
             }
             for &t in &order {
-                let target = match t {
-                    0 => Target::Nbd(&toma_uri),
-                    1 => Target::Nbd(&qemu_uri),
-                    _ => Target::File(&direct_file),
+                let target = match (raid6, t) {
+                    (_, 0) => Target::Nbd(&uris[0]),
+                    (true, 1) => Target::Nbd(&uris[1]),
+                    (false, 1) | (true, _) => Target::Nbd(&qemu_uri),
+                    (false, _) => Target::File(&direct_file),
                 };
                 let n = run_fio(w, target, per_round, size)
                     .await
-                    .with_context(|| format!("{} on {}", w.name, TARGETS[t]))?;
+                    .with_context(|| format!("{} on {}", w.name, names[t]))?;
                 acc[t].iops += n.iops;
                 acc[t].mbps += n.mbps;
                 acc[t].p50_us += n.p50_us;
@@ -315,17 +370,27 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
             p99_us: n.p99_us / r,
         };
         let nums = [mean(acc[0]), mean(acc[1]), mean(acc[2])];
-        print_workload(w, &nums);
+        print_workload(&names, w, &nums);
         results.push((w, nums));
     }
-    server.abort();
-    let _ = client.detach().await;
+    for s in servers {
+        s.abort();
+    }
+    for c in clients {
+        let _ = c.detach().await;
+    }
     cluster.shutdown().await;
 
     println!();
-    print_table(&results);
+    print_table(&names, &results);
+    if let Some(r) = encode_gbps {
+        println!("RAID6 4+2 P/Q encode: {r:.2} GB/s of data on one core (64 KiB chunks)");
+    }
     if let Some(path) = &args.json {
-        let doc = to_json(&args, &results, &load);
+        let mut doc = to_json(&args, &names, &results, &load);
+        if let Some(r) = encode_gbps {
+            doc["raid6_encode_gbps_one_core"] = json!(r);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
@@ -409,20 +474,27 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-fn print_header() {
+fn print_header(names: &[&str; 3]) {
     println!(
         "{:<18} {:<9} {:>9} {:>9} {:>9} {:>9}   {:>9} {:>9}",
-        "workload", "target", "IOPS", "MB/s", "p50 us", "p99 us", "÷qemu-nbd", "÷direct"
+        "workload",
+        "target",
+        "IOPS",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        format!("÷{}", names[1]),
+        format!("÷{}", names[2])
     );
 }
 
-fn print_workload(w: &Workload, n: &[Numbers; 3]) {
-    print_header();
-    print_rows(w, n);
+fn print_workload(names: &[&str; 3], w: &Workload, n: &[Numbers; 3]) {
+    print_header(names);
+    print_rows(names, w, n);
 }
 
-fn print_rows(w: &Workload, n: &[Numbers; 3]) {
-    for (i, t) in TARGETS.iter().enumerate() {
+fn print_rows(names: &[&str; 3], w: &Workload, n: &[Numbers; 3]) {
+    for (i, t) in names.iter().enumerate() {
         let (rq, rd) = if i == 0 {
             (
                 format!("{:.2}x", ratio(n[0].iops, n[1].iops)),
@@ -445,15 +517,23 @@ fn print_rows(w: &Workload, n: &[Numbers; 3]) {
     }
 }
 
-fn print_table(results: &[(&Workload, [Numbers; 3])]) {
-    println!("Ratios are Toma's IOPS (= MB/s) over the other target's; latencies are fio's completion latency.");
-    print_header();
+fn print_table(names: &[&str; 3], results: &[(&Workload, [Numbers; 3])]) {
+    println!(
+        "Ratios are {}'s IOPS (= MB/s) over the other target's; latencies are fio's completion latency.",
+        names[0]
+    );
+    print_header(names);
     for (w, n) in results {
-        print_rows(w, n);
+        print_rows(names, w, n);
     }
 }
 
-fn to_json(args: &BenchArgs, results: &[(&Workload, [Numbers; 3])], load: &str) -> Value {
+fn to_json(
+    args: &BenchArgs,
+    names: &[&str; 3],
+    results: &[(&Workload, [Numbers; 3])],
+    load: &str,
+) -> Value {
     let num = |n: &Numbers| {
         json!({
             "iops": n.iops,
@@ -465,21 +545,27 @@ fn to_json(args: &BenchArgs, results: &[(&Workload, [Numbers; 3])], load: &str) 
     let workloads: Vec<Value> = results
         .iter()
         .map(|(w, n)| {
-            json!({
-                "workload": w.name,
-                "rw": w.rw,
-                "bs": w.bs,
-                "iodepth": w.qd,
-                "toma": num(&n[0]),
-                "qemu_nbd": num(&n[1]),
-                "direct": num(&n[2]),
-                "toma_over_qemu_nbd": ratio(n[0].iops, n[1].iops),
-                "toma_over_direct": ratio(n[0].iops, n[2].iops),
-                "p50_toma_over_qemu_nbd": ratio(n[0].p50_us, n[1].p50_us),
-            })
+            let key = |s: &str| s.replace('-', "_");
+            let (a, b, c) = (key(names[0]), key(names[1]), key(names[2]));
+            let mut o = serde_json::Map::new();
+            o.insert("workload".into(), json!(w.name));
+            o.insert("rw".into(), json!(w.rw));
+            o.insert("bs".into(), json!(w.bs));
+            o.insert("iodepth".into(), json!(w.qd));
+            o.insert(a.clone(), num(&n[0]));
+            o.insert(b.clone(), num(&n[1]));
+            o.insert(c.clone(), num(&n[2]));
+            o.insert(format!("{a}_over_{b}"), json!(ratio(n[0].iops, n[1].iops)));
+            o.insert(format!("{a}_over_{c}"), json!(ratio(n[0].iops, n[2].iops)));
+            o.insert(
+                format!("p50_{a}_over_{b}"),
+                json!(ratio(n[0].p50_us, n[1].p50_us)),
+            );
+            Value::Object(o)
         })
         .collect();
     json!({
+        "raid": args.raid,
         "runtime_s": args.runtime,
         "rounds": args.rounds,
         "size_mib": args.size_mib,

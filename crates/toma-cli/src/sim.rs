@@ -44,10 +44,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    if let Raid::Raid6 = args.raid {
-        eprintln!("toma sim: --raid raid6 is not available yet (RAID6 comes in a later issue); use --raid raid1");
-        return ExitCode::from(2);
-    }
     let mutation = match args.mutate.as_deref() {
         None => None,
         Some(name) => match Mutation::parse(name) {
@@ -64,6 +60,7 @@ pub fn run(args: Args) -> ExitCode {
     };
     let opts = Options {
         mutation,
+        raid6: matches!(args.raid, Raid::Raid6),
         verbose: args.verbose,
         ..Options::default()
     };

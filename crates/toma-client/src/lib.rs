@@ -8,6 +8,7 @@
 pub mod error;
 pub mod gens;
 pub mod local_locks;
+pub mod raid6;
 pub mod range;
 pub mod session;
 pub mod volume;

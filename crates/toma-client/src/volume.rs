@@ -1,4 +1,4 @@
-//! A RAID1 volume client: reads with the piggybacked lock test, writes under lock to every
+//! A RAID1 and RAID6 volume client (RAID6 stripes: `stripe.rs`): reads with the piggybacked lock test, writes under lock to every
 //! writable member, dirty bits when degraded, topology switches without stopping I/O, held
 //! writes while a member is unreachable, and re-registration after being fenced.
 //!
@@ -28,6 +28,8 @@ use crate::gens::GenTracker;
 use crate::local_locks::LocalLocks;
 use crate::range::{split, UnitPart};
 use crate::session::{CallError, Session, Unsolicited};
+
+mod stripe;
 
 /// How a client behaves; the defaults suit a LAN.
 #[derive(Debug, Clone)]
@@ -742,6 +744,9 @@ impl Inner {
     }
 
     async fn read_unit(self: &Arc<Self>, p: UnitPart) -> Result<Bytes, ClientError> {
+        if self.spec.layout.is_raid6() {
+            return self.read_stripe(p).await;
+        }
         let mut backoff = Backoff::new();
         loop {
             let (t, guard) = self.begin_io();
@@ -793,10 +798,16 @@ impl Inner {
     async fn write_unit(self: &Arc<Self>, p: UnitPart, data: Bytes) -> Result<(), ClientError> {
         let _local = self.local_locks.lock(p.unit).await;
         let mut held: BTreeSet<DiskId> = BTreeSet::new();
+        let mut old = stripe::OldColumns::default();
         let mut backoff = Backoff::new();
         loop {
             let (t, guard) = self.begin_io();
-            let res = self.try_write(&t, p, &data, &mut held).await;
+            let res = if self.spec.layout.is_raid6() {
+                self.try_write_stripe(&t, p, &data, &mut held, &mut old)
+                    .await
+            } else {
+                self.try_write(&t, p, &data, &mut held).await
+            };
             drop(guard);
             match res {
                 Ok(()) => return Ok(()),
@@ -804,6 +815,7 @@ impl Inner {
                 Err(Retry::Backoff) => backoff.wait().await,
                 Err(Retry::Fenced) => {
                     held.clear();
+                    old.forget();
                     backoff.wait().await;
                 }
                 Err(Retry::Fatal(e)) => {
@@ -1026,6 +1038,11 @@ impl Inner {
             self.take_locks(&t, unit, &lock_set, &mut held)
                 .await
                 .map_err(fail)?;
+        }
+        if t.layout.is_raid6() {
+            let result = self.copy_stripe(&t, unit, to, clear).await.map_err(fail);
+            self.unlock_all(&t, unit, &mut held).await;
+            return result;
         }
         let result: Result<u64, ClientError> = async {
             let data = match self

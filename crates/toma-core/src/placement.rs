@@ -180,12 +180,55 @@ pub fn raid6_read(t: &Topology, stripe: u64, j: usize) -> Raid6Read {
     if t.members[m].role == Role::Rwl {
         return Raid6Read::Direct(m);
     }
+    match raid6_sources(t, stripe) {
+        Some(s) => Raid6Read::Reconstruct(s),
+        None => Raid6Read::Unavailable,
+    }
+}
+
+/// RAID6: which shard of stripe `stripe` member `m` holds: `j < k` is data chunk `j`,
+/// `k` is P and `k + 1` is Q.
+pub fn raid6_shard_of(t: &Topology, stripe: u64, m: MemberIdx) -> usize {
+    let n = t.n().max(1);
+    (m % n + n - home(t, stripe)) % n
+}
+
+/// RAID6: the member holding shard `i` of stripe `stripe` (see [`raid6_shard_of`]).
+pub fn raid6_shard_member(t: &Topology, stripe: u64, i: usize) -> MemberIdx {
+    (home(t, stripe) + i) % t.n().max(1)
+}
+
+/// RAID6: the k readable (RWL) members a stripe is reconstructed from, in a fixed order of
+/// preference — its data chunks first (in chunk order), then P, then Q — so that every
+/// reader and every recovery of one stripe decodes from the same shards. `None` when fewer
+/// than k members are readable.
+pub fn raid6_sources(t: &Topology, stripe: u64) -> Option<Vec<MemberIdx>> {
     let k = t.layout.min_readable();
-    let readable: Vec<_> = t.members_with(Role::Rwl).take(k).collect();
-    if readable.len() < k {
-        Raid6Read::Unavailable
-    } else {
-        Raid6Read::Reconstruct(readable)
+    let picked: Vec<_> = (0..t.n())
+        .map(|i| raid6_shard_member(t, stripe, i))
+        .filter(|&m| t.members[m].role == Role::Rwl)
+        .take(k)
+        .collect();
+    (picked.len() == k).then_some(picked)
+}
+
+/// Where volume byte `offset` lives: `(member, offset in the member's extent)`. RAID1: every
+/// member at the same offset (the first member is returned); RAID6: the member holding the
+/// byte's data chunk.
+pub fn locate(t: &Topology, offset: u64) -> (MemberIdx, u64) {
+    let chunk = u64::from(t.chunk_size.max(1));
+    match t.layout {
+        crate::Layout::Raid1 { .. } => (0, offset),
+        crate::Layout::Raid6 { data } => {
+            let stripe_bytes = chunk * u64::from(data);
+            let stripe = offset / stripe_bytes;
+            let in_stripe = offset % stripe_bytes;
+            let j = (in_stripe / chunk) as usize;
+            (
+                raid6_data_member(t, stripe, j),
+                stripe * chunk + in_stripe % chunk,
+            )
+        }
     }
 }
 
@@ -285,5 +328,45 @@ mod tests {
         // A 4 KiB write of a dirty 64 KiB chunk must leave its bit set.
         assert_eq!(clears_dirty_after(&t, 0, 4096, 4096, 65536), None);
         assert_eq!(clears_dirty_after(&t, 0, 0, 4096, 65536), None);
+    }
+
+    #[test]
+    fn raid6_shards_rotate_and_invert() {
+        let disks = crate::topology::tests::disks(6);
+        let mut t = Topology::new_normal(
+            crate::VolumeId(1),
+            crate::Layout::raid6(4).unwrap(),
+            65536,
+            disks,
+        )
+        .unwrap();
+        for s in 0..12u64 {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..6 {
+                let m = raid6_shard_member(&t, s, i);
+                assert_eq!(raid6_shard_of(&t, s, m), i);
+                seen.insert(m);
+            }
+            assert_eq!(seen.len(), 6, "stripe {s}: every member holds one shard");
+            assert_eq!(raid6_shard_member(&t, s, 0), raid6_data_member(&t, s, 0));
+            let (p, q) = raid6_parity_members(&t, s);
+            assert_eq!((raid6_shard_of(&t, s, p), raid6_shard_of(&t, s, q)), (4, 5));
+        }
+        // Data chunk j of stripe s at member offset s * chunk.
+        assert_eq!(locate(&t, 0), (0, 0));
+        assert_eq!(locate(&t, 65536 * 4 + 65536 + 5), (2, 65536 + 5));
+        // Two members lost: the sources skip them, data first then parity.
+        t.members[1].role = Role::Dead;
+        t.members[2].role = Role::Dead;
+        let src = raid6_sources(&t, 0).unwrap();
+        assert_eq!(src, vec![0, 3, 4, 5]);
+        assert_eq!(
+            raid6_read(&t, 0, 1),
+            Raid6Read::Reconstruct(vec![0, 3, 4, 5])
+        );
+        assert_eq!(raid6_read(&t, 0, 0), Raid6Read::Direct(0));
+        t.members[3].role = Role::Dead;
+        assert_eq!(raid6_sources(&t, 0), None);
+        assert_eq!(raid6_read(&t, 0, 1), Raid6Read::Unavailable);
     }
 }

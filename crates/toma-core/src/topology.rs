@@ -346,6 +346,13 @@ impl Topology {
         self.members.iter().filter(|m| m.role == role).count()
     }
 
+    /// Whether member `idx` is one of the volume's last readable members: it is RWL and
+    /// losing it would leave fewer than a readable set (RAID1: one member, RAID6: k).
+    pub fn is_last_readable(&self, idx: MemberIdx) -> bool {
+        self.members.get(idx).is_some_and(|m| m.role == Role::Rwl)
+            && self.count(Role::Rwl) <= self.layout.min_readable()
+    }
+
     pub fn members_with(&self, role: Role) -> impl Iterator<Item = MemberIdx> + '_ {
         self.members
             .iter()
@@ -448,6 +455,22 @@ pub(crate) mod tests {
         let e = Topology::new_normal(VolumeId(1), Layout::raid1(2).unwrap(), 65536, d).unwrap_err();
         assert!(e.to_string().contains("members[0] and members[1]"), "{e}");
         assert!(e.to_string().contains("node0"), "{e}");
+    }
+
+    #[test]
+    fn last_readable_members() {
+        let mut t = raid1(2);
+        assert!(!t.is_last_readable(0), "two readable mirrors");
+        t.members[1].role = Role::Dead;
+        assert!(t.is_last_readable(0));
+        assert!(!t.is_last_readable(1), "a DEAD member is not readable");
+        assert!(!t.is_last_readable(7), "no such member");
+        let mut r6 =
+            Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6)).unwrap();
+        r6.members[0].role = Role::Dead;
+        assert!(!r6.is_last_readable(1), "five readable, four needed");
+        r6.members[5].role = Role::W;
+        assert!(r6.is_last_readable(1), "four readable, four needed");
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Mutation {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub mutation: Option<Mutation>,
+    /// A RAID6 4+2 volume on 8 storage nodes instead of RAID1 (2 or 3 mirrors, drawn from
+    /// the seed) on mirrors + 2.
+    pub raid6: bool,
     /// Simulated time during which faults are injected (then every fault heals).
     pub chaos: Duration,
     /// Print the event log to stderr as it happens.
@@ -74,6 +77,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             mutation: None,
+            raid6: false,
             chaos: Duration::from_secs(20),
             verbose: false,
         }
@@ -97,9 +101,10 @@ pub struct Report {
 
 /// The command that replays a run.
 pub fn replay_command(seed: u64, opts: &Options) -> String {
+    let raid = if opts.raid6 { " --raid raid6" } else { "" };
     match opts.mutation {
-        Some(m) => format!("toma sim --seed {seed} --mutate {}", m.name()),
-        None => format!("toma sim --seed {seed}"),
+        Some(m) => format!("toma sim --seed {seed}{raid} --mutate {}", m.name()),
+        None => format!("toma sim --seed {seed}{raid}"),
     }
 }
 

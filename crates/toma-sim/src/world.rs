@@ -28,6 +28,9 @@ use crate::{Mutation, Options, Report};
 
 const CHUNK: u64 = 16 * 1024;
 const VOLUME_SIZE: u64 = 8 * CHUNK;
+/// RAID6 4+2: four stripes of 4 data chunks.
+const RAID6_DATA: u8 = 4;
+const RAID6_VOLUME_SIZE: u64 = 4 * RAID6_DATA as u64 * CHUNK;
 const TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +81,7 @@ struct World {
     clients: Vec<Option<SimClient>>,
     volume: VolumeId,
     blocks: u64,
+    volume_size: u64,
     calm: LinkParams,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -104,7 +108,12 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         _ => EmbeddedControlPlane::new(),
     });
     let mirrors: u8 = if rng.chance(0.5) { 2 } else { 3 };
-    let storage = usize::from(mirrors) + 2;
+    let (layout, volume_size) = if opts.raid6 {
+        (Layout::Raid6 { data: RAID6_DATA }, RAID6_VOLUME_SIZE)
+    } else {
+        (Layout::Raid1 { mirrors }, VOLUME_SIZE)
+    };
+    let storage = layout.members() + 2;
     let clients_n = 2 + rng.index(2);
     let ck = Arc::new(Checker::new(cp.clone(), storage, opts.verbose));
     // Per-run network character (swarm testing: each run its own mix).
@@ -161,12 +170,13 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         leaders_started: 0,
         clients: Vec::new(),
         volume: VolumeId(0),
-        blocks: VOLUME_SIZE / BLOCK as u64,
+        blocks: volume_size / BLOCK as u64,
+        volume_size,
         calm,
         stop,
     };
     ck.log(format!(
-        "seed {seed}: raid1x{mirrors}, {storage} storage nodes, {clients_n} clients, mutation {}, links {:?}",
+        "seed {seed}: {layout}, {storage} storage nodes, {clients_n} clients, mutation {}, links {:?}",
         w.opts.mutation.map_or("none", |m| m.name()),
         calm
     ));
@@ -187,7 +197,7 @@ pub async fn run(seed: u64, opts: Options) -> Report {
     }
     // The watchdog: no seed hangs (bounded simulated time, bounded steps).
     let body = async {
-        if let Err(e) = w.setup(mirrors).await {
+        if let Err(e) = w.setup(layout).await {
             ck.violate(format!("setup failed: {e}"));
         } else {
             w.chaos().await;
@@ -242,14 +252,14 @@ pub async fn run(seed: u64, opts: Options) -> Report {
 }
 
 impl World {
-    async fn setup(&mut self, mirrors: u8) -> Result<(), String> {
+    async fn setup(&mut self, layout: Layout) -> Result<(), String> {
         for i in 0..self.storage {
             self.start_agent(i).await?;
         }
-        // The volume on the first `mirrors` nodes.
+        // The volume on the first nodes, one member each.
         let disks = self.cp.disks().await.map_err(|e| e.to_string())?;
         let mut members = Vec::new();
-        for i in 0..usize::from(mirrors) {
+        for i in 0..layout.members() {
             let d = disks
                 .iter()
                 .find(|d| d.node == node_name(i))
@@ -257,8 +267,8 @@ impl World {
             members.push((d.disk, node_name(i)));
         }
         self.volume = VolumeId(u128::from(self.rng.next_u64()) << 64 | 1);
-        let layout = Layout::raid1(mirrors).map_err(|e| e.to_string())?;
-        let spec = VolumeSpec::new(layout, CHUNK, VOLUME_SIZE).map_err(|e| e.to_string())?;
+        let layout = layout.validate().map_err(|e| e.to_string())?;
+        let spec = VolumeSpec::new(layout, CHUNK, self.volume_size).map_err(|e| e.to_string())?;
         let topology =
             Topology::new_normal(self.volume, layout, CHUNK, members).map_err(|e| e.to_string())?;
         let mut secret = [0u8; 32];
@@ -511,17 +521,22 @@ impl World {
             Fault::NodePowerLoss(i) => {
                 self.ck
                     .fault("node-power-loss", format!("node n{i} loses power"));
-                // When no readable member lives on another running node, this node held the
-                // only copy of some writes: like a single disk, it keeps only flushed ones.
+                // When fewer than a readable set of members (RAID1: one, RAID6: k) live on
+                // other running nodes, this node held part of the only readable copy of
+                // some writes: like a single disk, it keeps only flushed ones.
                 let me = node_name(i);
                 let other_copy = self.ck.topology().is_some_and(|t| {
-                    t.members.iter().any(|m| {
-                        m.role == Role::Rwl
-                            && m.node != me
-                            && (0..self.storage).any(|j| {
-                                node_name(j) == m.node && self.ck.agents.lock()[j].is_some()
-                            })
-                    })
+                    t.members
+                        .iter()
+                        .filter(|m| {
+                            m.role == Role::Rwl
+                                && m.node != me
+                                && (0..self.storage).any(|j| {
+                                    node_name(j) == m.node && self.ck.agents.lock()[j].is_some()
+                                })
+                        })
+                        .count()
+                        >= t.layout.min_readable()
                 });
                 self.crash_agent(i);
                 self.boots[i] += 1;
@@ -838,13 +853,26 @@ impl World {
                     return;
                 }
             }
-            let mut buf = vec![0u8; t_bytes()];
+            let member_bytes = self.volume_size / t.layout.data_chunks_per_unit();
+            let mut buf = vec![0u8; member_bytes as usize];
             if let Err(e) = hm.disk.read_member(t.volume, i, 0, &mut buf) {
                 self.ck
                     .violate(format!("P4: member {i} cannot be read: {e}"));
                 return;
             }
             contents.push((i, buf));
+        }
+        // RAID6: P and Q right on every stripe; then P1 on the stripes' data.
+        if t.layout.is_raid6() {
+            match toma_client::raid6::verify_members(t, &contents) {
+                Ok(data) => {
+                    self.check_final_data(&data, "parity consistent on every stripe");
+                }
+                Err(e) => self.ck.violate(format!(
+                    "P4 convergence: in Normal and idle, RAID6 parity is wrong: {e}"
+                )),
+            }
+            return;
         }
         // P4: mirrors identical.
         for (i, c) in &contents[1..] {
@@ -859,9 +887,13 @@ impl World {
                 return;
             }
         }
-        // P1 on the final contents.
+        self.check_final_data(&contents[0].1, "mirrors identical");
+    }
+
+    /// P1 on the volume's final contents (`data`: its bytes in volume order).
+    fn check_final_data(&self, contents: &[u8], converged: &str) {
         for b in 0..self.blocks {
-            let data = &contents[0].1[b as usize * BLOCK..][..BLOCK];
+            let data = &contents[b as usize * BLOCK..][..BLOCK];
             let (lo, hi) = self.ck.expected_range(b);
             match crate::verify::decode_block(b, data) {
                 Some(v) if v >= lo && v <= hi => {}
@@ -873,14 +905,11 @@ impl World {
                 }
             }
         }
-        self.ck
-            .log("final checks passed: mirrors identical, every block as acknowledged");
+        self.ck.log(format!(
+            "final checks passed: {converged}, every block as acknowledged"
+        ));
         let _ = self.seed;
     }
-}
-
-fn t_bytes() -> usize {
-    VOLUME_SIZE as usize
 }
 
 /// One workload task: writes the blocks it owns, reads any block, flushes now and then.

@@ -162,3 +162,53 @@ fn many_seeds_pass() {
         failures.join("\n")
     );
 }
+
+/// RAID6 4+2 (`toma sim --raid raid6`): seeds that found bugs since fixed pass. 7: a write
+/// redone after a member died re-read the stripe's old columns, which its own first attempt
+/// had half overwritten, and reconstructed garbage into P and Q (P3); a redo now reuses the
+/// columns it read while it held the stripe's lock.
+#[test]
+fn raid6_seeds_that_found_fixed_bugs_pass() {
+    let opts = Options {
+        raid6: true,
+        ..Options::default()
+    };
+    let seed = 7;
+    let r = run(seed, &opts);
+    assert!(
+        r.violation.is_none(),
+        "seed {seed}: {:?}; replay: {}",
+        r.violation,
+        replay_command(seed, &opts)
+    );
+}
+
+/// RAID6 4+2 over 500 seeds. Ignored: about 15 % of seeds fail on the RAID6 write hole
+/// (DESIGN §7). A stripe left half written — by a cluster or node power loss (seeds 12,
+/// 34), or by writes in flight when the volume failed (seed 46) — has parity that disagrees
+/// with its data; the volume restarts from k members, and a read reconstructed from them
+/// returns bytes no write wrote (P3). The fix is the persistent write-intent bitmap and the
+/// resync of those stripes before their parity is trusted. Three of seeds 0..199 also end
+/// not back in Normal (P6; not analysed yet). Run `toma sim --raid raid6 --seeds 500` to
+/// see the classes.
+#[test]
+#[ignore = "RAID6 write hole after power loss / volume failure: needs the write-intent bitmap and resync (DESIGN §7)"]
+fn raid6_many_seeds_pass() {
+    let opts = Options {
+        raid6: true,
+        ..Options::default()
+    };
+    let failures: Vec<String> = (0..SEEDS)
+        .filter_map(|seed| {
+            run(seed, &opts)
+                .violation
+                .map(|v| format!("seed {seed}: {v}"))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failing seeds:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

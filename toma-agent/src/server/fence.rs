@@ -143,9 +143,11 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     }
                 }
             }
+            // RAID1: this member's copy is the one the others get. RAID6: the stripe is
+            // re-encoded from its data chunks, so this member's shard is rewritten too.
             let to: Vec<usize> = write_members(&t, unit)
                 .into_iter()
-                .filter(|&x| x != me)
+                .filter(|&x| x != me || t.layout.is_raid6())
                 .collect();
             let mut ok = true;
             if let Some(d) = sets_dirty(&t, unit) {

@@ -105,6 +105,20 @@ impl AgentHandle {
         self.inner.members.lock().values().cloned().collect()
     }
 
+    /// Orderly shutdown (SIGTERM): stops serving, closes every client connection, then
+    /// detaches every disk — the writes in flight finish, nothing lands after the final
+    /// flush, and the superblock records that no host holds the disk. Its members are then
+    /// trusted after a reboot or a move to another host (no power-loss full rebuild).
+    /// Returns the disks that could not be detached, with why.
+    pub fn shutdown(&self) -> Vec<(DiskId, String)> {
+        self.kill();
+        self.inner
+            .disks
+            .iter()
+            .filter_map(|d| d.detach().err().map(|e| (d.id(), e.to_string())))
+            .collect()
+    }
+
     /// Stops everything at once, like a crash: connections drop, RAM state is lost, and
     /// the agent stops reporting. Disks are closed when the last reference goes.
     pub fn kill(&self) {
@@ -662,7 +676,7 @@ fn settle_lost_writes(m: &Member, t: &Topology, idx: usize) {
         return;
     };
     let full = me.full_rebuild;
-    let last = me.role == Role::Rwl && t.count(Role::Rwl) <= t.layout.min_readable();
+    let last = t.is_last_readable(idx);
     if (full || last) && m.disk.settle_lost_writes(m.volume, idx) {
         info!(volume = %m.name, member = idx, generation = t.generation, full_rebuild = full, "the leader took this member's lost writes into account; serving again");
     }

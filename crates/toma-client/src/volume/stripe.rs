@@ -1,0 +1,440 @@
+//! RAID6 reads, writes and stripe copies (the lock unit is the stripe: k data chunks + P + Q,
+//! rotated across the members by `toma_core::placement`).
+//!
+//! - A read takes data chunks from their members when those are RWL, otherwise k RWL
+//!   members' columns reconstructed; then it tests the stripe's lock on its lock member
+//!   (after the reads: one READ_TEST_LOCK when the chunk is on that member).
+//! - A write, under the stripe's locks (and dirty bits when a member is DEAD), reads the old
+//!   columns of the data chunks it does not cover, computes P and Q of the touched columns
+//!   (4 KiB-aligned) and writes the touched data chunks, P and Q to every non-DEAD member
+//!   holding them. A write covering whole chunks reads nothing ("full-stripe write").
+//! - A stripe copy (rebuild, stale-lock recovery) reads every data chunk (reconstructing
+//!   when needed), re-encodes P and Q and writes each target member its shard.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use toma_core::placement::{
+    clears_dirty_after, locks, raid6_data_member, raid6_shard_of, raid6_sources, read_member,
+    sets_dirty, write_members,
+};
+use toma_core::{DirtyMarks, DiskId, MemberIdx, Role, Topology};
+use toma_wire::Message;
+
+use super::{Backoff, Inner, Retry};
+use crate::error::ClientError;
+use crate::raid6::{align_columns, encode, reconstruct};
+use crate::range::UnitPart;
+
+/// The old columns a write read, kept for its next attempt: a write that reached some
+/// members and not others (a member died, a TOMA was behind) is redone from the same old
+/// bytes — read again, they could be a mix of its own first attempt and the old stripe,
+/// which reconstructs into garbage when a data member is missing. Valid only while the
+/// writer held the stripe's locks without a break.
+#[derive(Default)]
+pub(super) struct OldColumns(Option<(Columns, Vec<Option<Bytes>>)>);
+
+/// An in-chunk byte range `[from, to)` of every chunk of a stripe.
+type Columns = (u64, u64);
+
+impl OldColumns {
+    pub(super) fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Where a request lands in its stripe.
+struct Span {
+    stripe: u64,
+    k: usize,
+    chunk: u64,
+    /// Byte range in the stripe's data, `[lo, hi)`.
+    lo: u64,
+    hi: u64,
+}
+
+impl Span {
+    fn new(t: &Topology, p: &UnitPart) -> Span {
+        let k = t.layout.min_readable();
+        let chunk = u64::from(t.chunk_size);
+        let stripe = p.unit;
+        let lo = p.offset - stripe * chunk * k as u64;
+        Span {
+            stripe,
+            k,
+            chunk,
+            lo,
+            hi: lo + u64::from(p.len),
+        }
+    }
+
+    /// The data chunks the request touches.
+    fn chunks(&self) -> std::ops::RangeInclusive<usize> {
+        (self.lo / self.chunk) as usize..=((self.hi - 1) / self.chunk) as usize
+    }
+
+    /// `[from, to)` of chunk `j` the request covers (in-chunk offsets); empty if none.
+    fn in_chunk(&self, j: usize) -> (u64, u64) {
+        let start = j as u64 * self.chunk;
+        let from = self.lo.max(start);
+        let to = self.hi.min(start + self.chunk);
+        if from >= to {
+            (0, 0)
+        } else {
+            (from - start, to - start)
+        }
+    }
+
+    /// The columns (in-chunk range, block-aligned) that hold every touched byte.
+    fn columns(&self) -> (u64, u64) {
+        let r = self.chunks();
+        if r.start() == r.end() {
+            let (a, b) = self.in_chunk(*r.start());
+            align_columns(a, b, self.chunk)
+        } else {
+            (0, self.chunk)
+        }
+    }
+
+    /// Offset of this stripe's chunks in every member's extent.
+    fn base(&self) -> u64 {
+        self.stripe * self.chunk
+    }
+}
+
+impl Inner {
+    /// Bytes `[offset, offset + len)` of member `m`'s extent.
+    async fn read_member(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        m: MemberIdx,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, Retry> {
+        let len32 = u32::try_from(len)
+            .map_err(|_| Retry::Fatal(ClientError::Protocol(format!("read of {len} bytes"))))?;
+        match self
+            .call(t, m, Message::Read { offset, len: len32 })
+            .await?
+        {
+            Message::Data { data } if data.len() as u64 == len => Ok(data),
+            other => Err(Retry::Fatal(ClientError::Protocol(format!(
+                "member {m} answered READ with {:?}",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Columns `[ca, cb)` of the data chunks `need` of stripe `s` (the others `None`): from
+    /// their members when all of those are RWL, otherwise reconstructed from k RWL members
+    /// (then every chunk is returned).
+    async fn stripe_columns(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        sp: &Span,
+        (ca, cb): (u64, u64),
+        need: &[usize],
+    ) -> Result<Vec<Option<Bytes>>, Retry> {
+        let s = sp.stripe;
+        let mut out = vec![None; sp.k];
+        let direct = need
+            .iter()
+            .all(|&j| t.members[raid6_data_member(t, s, j)].role == Role::Rwl);
+        if direct {
+            let reads = join_all(need.iter().map(|&j| {
+                self.read_member(t, raid6_data_member(t, s, j), sp.base() + ca, cb - ca)
+            }))
+            .await;
+            for (&j, r) in need.iter().zip(reads) {
+                out[j] = Some(r?);
+            }
+            return Ok(out);
+        }
+        let Some(sources) = raid6_sources(t, s) else {
+            // Fewer than k readable members: wait for the volume to come back.
+            return Err(Retry::Topology);
+        };
+        let reads = join_all(
+            sources
+                .iter()
+                .map(|&m| self.read_member(t, m, sp.base() + ca, cb - ca)),
+        )
+        .await;
+        let mut shards = Vec::with_capacity(sp.k);
+        for (&m, r) in sources.iter().zip(reads) {
+            shards.push((raid6_shard_of(t, s, m), r?));
+        }
+        let data = reconstruct(sp.k, &shards).map_err(Retry::Fatal)?;
+        for (j, d) in data.into_iter().enumerate() {
+            out[j] = Some(d);
+        }
+        Ok(out)
+    }
+
+    /// Whether a client other than this one holds stripe `s`'s lock on member `m`.
+    async fn locked_by_other(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        m: MemberIdx,
+        s: u64,
+    ) -> Result<bool, Retry> {
+        let me = self.links.lock().get(&t.members[m].disk).map(|l| l.client);
+        match self
+            .call(t, m, Message::GetLocks { units: s..s + 1 })
+            .await?
+        {
+            Message::Locks { locks } => {
+                Ok(locks.iter().any(|l| l.unit == s && Some(l.client) != me))
+            }
+            other => Err(Retry::Fatal(ClientError::Protocol(format!(
+                "member {m} answered GET_LOCKS with {:?}",
+                other.kind()
+            )))),
+        }
+    }
+
+    pub(super) async fn read_stripe(self: &Arc<Self>, p: UnitPart) -> Result<Bytes, ClientError> {
+        let mut backoff = Backoff::new();
+        loop {
+            let (t, guard) = self.begin_io();
+            let res = self.try_read_stripe(&t, &p).await;
+            drop(guard);
+            match res {
+                Ok(Some(data)) => return Ok(data),
+                Ok(None) => {
+                    self.stats
+                        .read_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    backoff.wait().await;
+                }
+                Err(Retry::Topology) => self.wait_newer(t.generation, self.cfg.hold_retry).await,
+                Err(Retry::Backoff) | Err(Retry::Fenced) => backoff.wait().await,
+                Err(Retry::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt; `Ok(None)` when a writer held the stripe's lock (read again).
+    async fn try_read_stripe(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        p: &UnitPart,
+    ) -> Result<Option<Bytes>, Retry> {
+        let sp = Span::new(t, p);
+        let s = sp.stripe;
+        let Some(place) = read_member(t, s) else {
+            return Err(Retry::Topology);
+        };
+        let chunks = sp.chunks();
+        if chunks.start() == chunks.end() && raid6_data_member(t, s, *chunks.start()) == place {
+            // The chunk lives on the lock member: read and test in one round trip.
+            let (a, _) = sp.in_chunk(*chunks.start());
+            let msg = Message::ReadTestLock {
+                unit: s,
+                offset: sp.base() + a,
+                len: p.len,
+            };
+            return match self.call(t, place, msg).await? {
+                Message::DataLock {
+                    locked: false,
+                    data,
+                } if data.len() == p.len as usize => Ok(Some(data)),
+                Message::DataLock { locked: true, .. } => Ok(None),
+                other => Err(Retry::Fatal(ClientError::Protocol(format!(
+                    "member {place} answered READ_TEST_LOCK with {:?}",
+                    other.kind()
+                )))),
+            };
+        }
+        let direct = chunks
+            .clone()
+            .all(|j| t.members[raid6_data_member(t, s, j)].role == Role::Rwl);
+        let mut out = BytesMut::with_capacity(p.len as usize);
+        if direct {
+            let reads = join_all(chunks.clone().map(|j| {
+                let (a, b) = sp.in_chunk(j);
+                self.read_member(t, raid6_data_member(t, s, j), sp.base() + a, b - a)
+            }))
+            .await;
+            for r in reads {
+                out.extend_from_slice(&r?);
+            }
+        } else {
+            let cols = sp.columns();
+            let need: Vec<usize> = chunks.clone().collect();
+            let data = self.stripe_columns(t, &sp, cols, &need).await?;
+            for j in chunks {
+                let (a, b) = sp.in_chunk(j);
+                let d = data[j].as_ref().ok_or_else(|| {
+                    Retry::Fatal(ClientError::Protocol(format!("RAID6 chunk {j} not read")))
+                })?;
+                out.extend_from_slice(&d[(a - cols.0) as usize..(b - cols.0) as usize]);
+            }
+        }
+        // Test after read: a writer that held the stripe during the reads is seen.
+        if self.locked_by_other(t, place, s).await? {
+            return Ok(None);
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    pub(super) async fn try_write_stripe(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        p: UnitPart,
+        data: &Bytes,
+        held: &mut BTreeSet<DiskId>,
+        cache: &mut OldColumns,
+    ) -> Result<(), Retry> {
+        let sp = Span::new(t, &p);
+        let s = sp.stripe;
+        let lock_set = locks(t, s);
+        let targets = write_members(t, s);
+        if lock_set.is_empty() || targets.is_empty() {
+            // Fewer than k readable members: nothing can be written until one comes back.
+            return Err(Retry::Topology);
+        }
+        held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        let kept = lock_set.iter().all(|&m| held.contains(&t.members[m].disk));
+        if !kept {
+            // A lock had to be taken (again): another writer may have been in between.
+            cache.forget();
+        }
+        self.take_locks(t, s, &lock_set, held).await?;
+        if let Some(d) = sets_dirty(t, s).filter(|_| !self.cfg.no_dirty_bits) {
+            self.dirty(t, s, &d, true).await?;
+        }
+        let (ca, cb) = sp.columns();
+        let touched = sp.chunks();
+        // The data chunks whose columns the write does not cover whole: read them.
+        let need: Vec<usize> = (0..sp.k)
+            .filter(|&j| {
+                let (a, b) = sp.in_chunk(j);
+                !(touched.contains(&j) && a <= ca && b >= cb)
+            })
+            .collect();
+        let old = match &cache.0 {
+            Some((cols, old)) if *cols == (ca, cb) => old.clone(),
+            _ if need.is_empty() => vec![None; sp.k],
+            _ => {
+                let old = self.stripe_columns(t, &sp, (ca, cb), &need).await?;
+                cache.0 = Some(((ca, cb), old.clone()));
+                old
+            }
+        };
+        let width = (cb - ca) as usize;
+        let mut cols: Vec<Bytes> = Vec::with_capacity(sp.k);
+        for (j, o) in old.into_iter().enumerate() {
+            let (a, b) = sp.in_chunk(j);
+            // Where chunk j's new bytes start in `data`.
+            let from = (j as u64 * sp.chunk + a).saturating_sub(sp.lo) as usize;
+            if touched.contains(&j) && a <= ca && b >= cb {
+                // Covered whole: the caller's bytes as they are, no copy.
+                let at = from + (ca - a) as usize;
+                cols.push(data.slice(at..at + width));
+                continue;
+            }
+            let mut c = BytesMut::with_capacity(width);
+            match o {
+                Some(o) => c.extend_from_slice(&o),
+                None => c.resize(width, 0),
+            }
+            if touched.contains(&j) {
+                let len = (b - a) as usize;
+                c[(a - ca) as usize..(a - ca) as usize + len]
+                    .copy_from_slice(&data[from..from + len]);
+            }
+            cols.push(c.freeze());
+        }
+        let refs: Vec<&[u8]> = cols.iter().map(|c| &c[..]).collect();
+        let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
+        let writes = join_all(targets.iter().filter_map(|&m| {
+            let i = raid6_shard_of(t, s, m);
+            let payload = match i {
+                i if i < sp.k && touched.contains(&i) => cols[i].clone(),
+                i if i < sp.k => return None,
+                i if i == sp.k => pp.clone(),
+                _ => qq.clone(),
+            };
+            Some(self.call(
+                t,
+                m,
+                Message::Write {
+                    offset: sp.base() + ca,
+                    data: payload,
+                },
+            ))
+        }))
+        .await;
+        // A write that reached some members and not others keeps its locks: it is redone.
+        for r in writes {
+            match r? {
+                Message::Ok => {}
+                other => {
+                    return Err(Retry::Fatal(ClientError::Protocol(format!(
+                        "WRITE answered with {:?}",
+                        other.kind()
+                    ))))
+                }
+            }
+        }
+        let unit_bytes = sp.chunk * sp.k as u64;
+        if let Some(c) = clears_dirty_after(t, s, sp.lo, sp.hi - sp.lo, unit_bytes) {
+            let _ = self.dirty(t, s, &c, false).await;
+        }
+        self.unlock_all(t, s, held).await;
+        Ok(())
+    }
+
+    /// Rebuild and recovery of stripe `s` under `t` (locks already taken by the caller):
+    /// every data chunk read (or reconstructed), P and Q re-encoded, each member of `to`
+    /// written its shard. Returns the bytes written per target.
+    pub(super) async fn copy_stripe(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        s: u64,
+        to: &[MemberIdx],
+        clear: Option<&DirtyMarks>,
+    ) -> Result<u64, Retry> {
+        let k = t.layout.min_readable();
+        let chunk = u64::from(t.chunk_size);
+        let sp = Span {
+            stripe: s,
+            k,
+            chunk,
+            lo: 0,
+            hi: chunk * k as u64,
+        };
+        let all: Vec<usize> = (0..k).collect();
+        let data = self.stripe_columns(t, &sp, (0, chunk), &all).await?;
+        let data: Vec<Bytes> = data.into_iter().map(Option::unwrap_or_default).collect();
+        let refs: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
+        let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
+        let writes = join_all(to.iter().map(|&m| {
+            let i = raid6_shard_of(t, s, m);
+            let payload = match i {
+                i if i < k => data[i].clone(),
+                i if i == k => pp.clone(),
+                _ => qq.clone(),
+            };
+            self.call(
+                t,
+                m,
+                Message::Write {
+                    offset: sp.base(),
+                    data: payload,
+                },
+            )
+        }))
+        .await;
+        for w in writes {
+            w?;
+        }
+        if let Some(c) = clear {
+            self.dirty(t, s, c, false).await?;
+        }
+        Ok(chunk)
+    }
+}
