@@ -106,7 +106,6 @@ pub fn config(args: &Args) -> Config {
         },
         fail_lock_place: args.fail_lock_place || args.raid == RaidArg::Raid1,
         mutation: args.mutate.map(Mutation::from),
-        ..Config::default()
     }
 }
 
