@@ -38,10 +38,18 @@ fn bad_raid_and_clients_are_refused() {
 }
 
 #[test]
-fn raid6_is_not_available_yet() {
-    let (code, _, err) = toma(&["check-model", "--raid", "raid6"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("raid6 model not available yet"), "{err}");
+fn raid6_data_members_out_of_range_are_refused() {
+    let (code, _, err) = toma(&["check-model", "--raid", "raid6", "--data-members", "5"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--data-members"), "{err}");
+}
+
+#[test]
+fn raid6_mutation_prints_a_raid6_counterexample() {
+    let (code, out, err) = toma(&["check-model", "--raid", "raid6", "--mutate", "read-from-w"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("property violated"), "{out}");
+    assert!(out.contains("of stripe0"), "{out}");
 }
 
 #[test]

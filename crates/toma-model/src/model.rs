@@ -6,6 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use stateright::{Model, Property};
+use toma_core::placement::{raid6_data_member, raid6_parity_members, raid6_read, Raid6Read};
 use toma_core::{
     clears_dirty, locks, plan_with, read_member, sets_dirty, write_members, DiskId, Knowledge,
     Layout, LockMode, MemberReport, Mutations, NodeId, Phase, Plan, Replacement, Role, Topology,
@@ -14,10 +15,28 @@ use toma_core::{
 
 /// A topology generation (small in the model).
 pub type Gen = u8;
-/// Lock units (chunks) the clients use: 0 and 1, so both interleaved homes are exercised.
+/// Lock units the state has room for. RAID1 uses chunks 0 and 1, so both interleaved homes
+/// are exercised; RAID6 uses stripe 0 (its lock place is always the rebuilder's member, see
+/// the crate docs).
 pub const CHUNKS: usize = 2;
+/// Most RAID6 data chunks per stripe the model holds (4+2).
+pub const K: usize = 4;
+/// Most members a modelled volume has (RAID6 4+2).
+pub const MAX_MEMBERS: usize = K + 2;
+/// Blocks the history tracks: RAID1 chunk b is block b; RAID6 data chunk j of stripe 0 is
+/// block j.
+pub const BLOCKS: usize = 4;
 /// What a NEW disk holds before the rebuild: no write ever wrote it.
 pub const GARBAGE: u8 = 0xFF;
+/// What a RAID6 decode returns when the chunks and parities it used do not agree (data from
+/// different writes mixed): no write wrote it.
+pub const MIX: u8 = 0xFE;
+
+/// What a member holds of one lock unit, abstractly: the write id (version) of each data
+/// chunk it covers. RAID1: `[v, 0, 0, 0]`. RAID6: data member of chunk j holds `v` at `j` and
+/// 0 elsewhere; P and Q hold the versions of the k data chunks they were computed from
+/// (parity "consistent with" those versions).
+pub type Cell = [u8; K];
 /// The actor id of the rebuilding TOMA's local client (clients are `0..clients`).
 pub const REBUILDER: u8 = 0xF0;
 
@@ -73,6 +92,13 @@ pub struct Config {
     pub drops: u8,
     /// Whether a failed disk may come back as a NEW disk (garbage contents, full rebuild).
     pub replacement: bool,
+    /// RAID6 only: data members k (2 to 4; the volume has k + 2 members).
+    pub data_members: u8,
+    /// Whether the disk of stripe/chunk 0's home (member 0, its lock place in Normal) may
+    /// fail. RAID6 with this finds a torn-stripe degraded read (see the crate docs).
+    pub fail_lock_place: bool,
+    /// Stop after this many transitions (a bounded, not exhaustive, run).
+    pub max_states: Option<usize>,
     pub mutation: Option<Mutation>,
 }
 
@@ -86,6 +112,9 @@ impl Default for Config {
             leader_crashes: 0,
             drops: 0,
             replacement: true,
+            data_members: 2,
+            fail_lock_place: true,
+            max_states: None,
             mutation: None,
         }
     }
@@ -102,7 +131,7 @@ pub enum Req {
     /// Write `data` (if any) and set the dirty bits `dirty` (a mask of target members).
     Write {
         chunk: u8,
-        data: Option<u8>,
+        data: Option<Cell>,
         dirty: u8,
     },
     /// Release the lock (if held by the sender) and clear the dirty bits `clear`.
@@ -112,6 +141,9 @@ pub enum Req {
     },
     /// READ_TEST_LOCK: answered while the chunk is not locked by someone else.
     Read(u8),
+    /// A plain READ (no lock test): a RAID6 writer's read of the old stripe under its lock,
+    /// or the first part of a RAID6 read whose lock test goes to another member after it.
+    Get(u8),
 }
 
 /// A TOMA → client message.
@@ -122,7 +154,7 @@ pub enum Resp {
     /// A lock or read that waited on a lock is bounced: the TOMA moved to a newer generation.
     Retry(Gen),
     Done,
-    ReadOk(u8),
+    ReadOk(Cell),
     /// FENCED / stale generation / member DEAD: never applied.
     Rejected,
 }
@@ -157,10 +189,15 @@ pub enum OpKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
     Lock,
+    /// RAID6 read-modify-write: read the stripe's untouched data chunks (directly or by
+    /// reconstruction) under the lock.
+    ReadOld,
     Write,
     /// After the write was acknowledged: clear bits and unlock.
     Unlock,
     Read,
+    /// RAID6: the lock test on the stripe's lock member after the data was read.
+    Test,
     /// Failed topology: nothing to send until a newer one.
     Blocked,
 }
@@ -168,7 +205,15 @@ pub enum Stage {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Op {
     pub kind: OpKind,
+    /// The lock unit (RAID1 chunk, RAID6 stripe).
     pub chunk: u8,
+    /// The blocks it writes (a write) or reads (a read: one bit).
+    pub blocks: u8,
+    /// RAID6: cells read in the current Read/ReadOld stage, by member, and which arrived.
+    pub cells: [Cell; MAX_MEMBERS],
+    pub got: u8,
+    /// RAID6 writer: the stripe's new data versions (computed after ReadOld).
+    pub vec: Cell,
     /// The generation the current stage was issued under.
     pub gen: Gen,
     pub stage: Stage,
@@ -246,7 +291,7 @@ pub struct Disk {
     pub up: bool,
     /// 0: the original disk; 1: a NEW disk that replaced it.
     pub incarnation: u8,
-    pub data: [u8; CHUNKS],
+    pub data: [Cell; CHUNKS],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -255,6 +300,9 @@ pub enum Prop {
     P2,
     P3,
     Planner,
+    /// RAID6: a writer could not read the old stripe it must recompute parity from (a value
+    /// no write wrote, or from a member that cannot be decoded).
+    Rmw,
 }
 
 /// A property violation observed on a transition (P1–P3 are about read results).
@@ -269,14 +317,14 @@ pub struct Viol {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct History {
-    /// Per chunk: mask of write ids that started (bit id).
-    pub started: [u16; CHUNKS],
-    /// Per chunk: mask of write ids in flight (started, not acknowledged).
-    pub inflight: [u16; CHUNKS],
-    /// Per chunk: the acknowledged write every later read must return (P1).
-    pub stable: [Option<u8>; CHUNKS],
-    /// Per chunk: the value a quiet read returned (P2).
-    pub quiet_val: [Option<u8>; CHUNKS],
+    /// Per block: mask of write ids that started (bit id).
+    pub started: [u16; BLOCKS],
+    /// Per block: mask of write ids in flight (started, not acknowledged).
+    pub inflight: [u16; BLOCKS],
+    /// Per block: the acknowledged write every later read must return (P1).
+    pub stable: [Option<u8>; BLOCKS],
+    /// Per block: the value a quiet read returned (P2).
+    pub quiet_val: [Option<u8>; BLOCKS],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -374,24 +422,47 @@ impl State {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
-    StartWrite { client: u8, chunk: u8 },
-    StartRead { client: u8, chunk: u8 },
+    /// `target` indexes `TomaModel::write_targets`.
+    StartWrite {
+        client: u8,
+        target: u8,
+    },
+    /// `target` indexes `TomaModel::read_targets`.
+    StartRead {
+        client: u8,
+        target: u8,
+    },
     Deliver(Msg),
     TomaLearn(u8),
-    RebuildChunk { member: u8, chunk: u8 },
+    RebuildChunk {
+        member: u8,
+        chunk: u8,
+    },
     LeaderPublish,
     LeaderCrash,
     ZombieWrite,
     FailDisk(u8),
-    ReturnDisk { member: u8, new_disk: bool },
-    DropConn { client: u8, member: u8 },
+    /// Two disks fail in one step (RAID6): the leader sees both lost at once.
+    FailTwo(u8, u8),
+    ReturnDisk {
+        member: u8,
+        new_disk: bool,
+    },
+    DropConn {
+        client: u8,
+        member: u8,
+    },
 }
 
-/// The model of one RAID1 volume.
+/// The model of one volume: RAID1 (two mirrors) or RAID6 4+2.
 pub struct TomaModel {
     pub cfg: Config,
     pub initial: Topology,
     nodes: Vec<NodeId>,
+    raid6: bool,
+    /// What writes and reads may target: (lock unit, mask of blocks).
+    writes: Vec<(u8, u8)>,
+    reads: Vec<(u8, u8)>,
 }
 
 pub fn node(i: usize) -> NodeId {
@@ -405,7 +476,25 @@ fn disk_id(i: usize, incarnation: u8) -> DiskId {
 impl TomaModel {
     pub fn raid1(cfg: Config) -> Result<TomaModel, String> {
         let layout = Layout::raid1(2).map_err(|e| e.to_string())?;
-        let disks = (0..2).map(|i| (disk_id(i, 0), node(i))).collect();
+        Self::build(cfg, layout)
+    }
+
+    /// RAID6 k+2: one stripe (lock unit 0), its data chunk 0 written alone (read-modify-write)
+    /// or all k at once (a whole-stripe write), chunks 0 and 1 read.
+    pub fn raid6(cfg: Config) -> Result<TomaModel, String> {
+        if !(2..=K as u8).contains(&cfg.data_members) {
+            return Err(format!(
+                "--data-members {}: the RAID6 model supports 2 to {K} data members",
+                cfg.data_members
+            ));
+        }
+        let layout = Layout::raid6(cfg.data_members).map_err(|e| e.to_string())?;
+        Self::build(cfg, layout)
+    }
+
+    fn build(cfg: Config, layout: Layout) -> Result<TomaModel, String> {
+        let n = layout.members();
+        let disks = (0..n).map(|i| (disk_id(i, 0), node(i))).collect();
         let initial =
             Topology::new_normal(VolumeId(1), layout, 65536, disks).map_err(|e| e.to_string())?;
         if cfg.clients == 0 || cfg.clients > 3 {
@@ -414,15 +503,136 @@ impl TomaModel {
                 cfg.clients
             ));
         }
+        if cfg.failures > 2 {
+            return Err(format!(
+                "--failures {}: the model supports 0 to 2 disk failures per run",
+                cfg.failures
+            ));
+        }
+        if cfg.writes > 4 {
+            return Err(format!(
+                "--writes {}: the model supports 0 to 4 writes per client",
+                cfg.writes
+            ));
+        }
+        let raid6 = layout.is_raid6();
+        let (writes, reads) = if raid6 {
+            let full = (1u8 << layout.min_readable()) - 1;
+            // Chunk 0 by read-modify-write or the whole stripe; chunk 1 is read, and
+            // reconstructed while its member is DEAD or W, during writes of chunk 0.
+            (vec![(0, 0b01), (0, full)], vec![(0, 0b01), (0, 0b10)])
+        } else {
+            (vec![(0, 0b01), (1, 0b10)], vec![(0, 0b01), (1, 0b10)])
+        };
         Ok(TomaModel {
             cfg,
             initial,
-            nodes: (0..2).map(node).collect(),
+            nodes: (0..n).map(node).collect(),
+            raid6,
+            writes,
+            reads,
         })
     }
 
     fn n(&self) -> usize {
         self.initial.n()
+    }
+
+    pub fn is_raid6(&self) -> bool {
+        self.raid6
+    }
+
+    /// What a write may target: (lock unit, mask of blocks). RAID1: chunk 0 or 1. RAID6:
+    /// data chunk 0 or 1 of stripe 0 (read-modify-write) or the whole stripe.
+    pub fn write_targets(&self) -> &[(u8, u8)] {
+        &self.writes
+    }
+
+    /// What a read may target: (lock unit, block bit).
+    pub fn read_targets(&self) -> &[(u8, u8)] {
+        &self.reads
+    }
+
+    /// RAID6 data chunks per stripe (1 for RAID1).
+    pub fn k(&self) -> usize {
+        self.initial.layout.min_readable()
+    }
+
+    /// The blocks of a whole lock unit.
+    pub fn full_mask(&self) -> u8 {
+        (1u8 << self.k()) - 1
+    }
+
+    /// The lock units in use.
+    pub fn units(&self) -> u8 {
+        if self.raid6 {
+            1
+        } else {
+            CHUNKS as u8
+        }
+    }
+
+    /// The position of block `b` inside its unit's cell.
+    fn pos(&self, b: usize) -> usize {
+        if self.raid6 {
+            b % self.k()
+        } else {
+            0
+        }
+    }
+
+    /// Whether a write of `blocks` covers its whole lock unit (only then may it clear bits).
+    fn whole_unit(&self, blocks: u8) -> bool {
+        !self.raid6 || blocks == self.full_mask()
+    }
+
+    // ---- RAID6 stripe contents (abstract P/Q) ----
+
+    /// What member `m` holds of stripe `unit` when the stripe's data versions are `vec`.
+    fn cell_for(&self, t: &Topology, unit: u8, m: usize, vec: Cell) -> Cell {
+        if !self.raid6 {
+            return vec;
+        }
+        match (0..self.k()).find(|&j| raid6_data_member(t, u64::from(unit), j) == m) {
+            Some(j) => {
+                let mut c = [0; K];
+                c[j] = vec[j];
+                c
+            }
+            None => vec,
+        }
+    }
+
+    /// Decodes data chunk `j` of stripe `unit` from the cells of the members in `got`: read
+    /// directly from its data member when that is among them, otherwise solved from the
+    /// other data chunks and as many parities as chunks are missing. Parities computed from
+    /// other versions than the data read (or P and Q from different versions) give `MIX`.
+    pub fn decode(&self, t: &Topology, unit: u8, got: u8, cells: &[Cell], j: usize) -> u8 {
+        let s = u64::from(unit);
+        let dm = |i: usize| raid6_data_member(t, s, i);
+        if got & bit(dm(j)) != 0 {
+            return cells[dm(j)][j];
+        }
+        let missing: Vec<usize> = (0..self.k()).filter(|&i| got & bit(dm(i)) == 0).collect();
+        let (p, q) = raid6_parity_members(t, s);
+        let pars: Vec<&Cell> = [p, q]
+            .into_iter()
+            .filter(|&m| got & bit(m) != 0)
+            .map(|m| &cells[m])
+            .take(missing.len())
+            .collect();
+        if pars.len() < missing.len() {
+            return MIX;
+        }
+        let consistent = pars.iter().all(|par| {
+            (0..self.k()).all(|i| missing.contains(&i) || par[i] == cells[dm(i)][i])
+                && missing.iter().all(|&i| par[i] == pars[0][i])
+        });
+        if consistent {
+            pars[0][j]
+        } else {
+            MIX
+        }
     }
 
     fn reads_of(&self, client: usize) -> u8 {
@@ -490,6 +700,42 @@ impl TomaModel {
             }
         }
         read_member(t, u64::from(chunk))
+    }
+
+    /// RAID6: how a reader gets data chunk `j` of stripe `unit` (toma-core's `raid6_read`;
+    /// the read-from-w mutation reads a W data member directly instead of reconstructing).
+    fn raid6_source(&self, t: &Topology, unit: u8, j: usize) -> Raid6Read {
+        if self.cfg.mutation == Some(Mutation::ReadFromW) {
+            let m = raid6_data_member(t, u64::from(unit), j);
+            if t.members[m].role == Role::W {
+                return Raid6Read::Direct(m);
+            }
+        }
+        raid6_read(t, u64::from(unit), j)
+    }
+
+    /// The members a read of data chunk `j` goes to, or `None` when it cannot be read.
+    fn raid6_read_set(&self, t: &Topology, unit: u8, j: usize) -> Option<u8> {
+        match self.raid6_source(t, unit, j) {
+            Raid6Read::Direct(m) => Some(bit(m)),
+            Raid6Read::Reconstruct(v) => Some(v.into_iter().fold(0, |m, i| m | bit(i))),
+            Raid6Read::Unavailable => None,
+        }
+    }
+
+    /// The members that get data from a write of `op` (RAID1: the write set; RAID6: the
+    /// members of the write set that hold a touched data chunk, P or Q).
+    fn data_targets(&self, t: &Topology, op: &Op) -> u8 {
+        let w = Self::write_set(t, op.chunk);
+        if !self.raid6 {
+            return w;
+        }
+        let s = u64::from(op.chunk);
+        let (p, q) = raid6_parity_members(t, s);
+        let touched = (0..self.k())
+            .filter(|&j| op.blocks & bit(j) != 0)
+            .fold(bit(p) | bit(q), |m, j| m | bit(raid6_data_member(t, s, j)));
+        w & touched
     }
 
     /// The member whose TOMA's local client runs the rebuild: the first RWL member.
@@ -568,7 +814,8 @@ impl TomaModel {
         let rebuild_done = Self::rebuilder_of(cur).and_then(|h| {
             let t = &s.tomas[h];
             let targets = cur.members_with(Role::W).fold(0, |m, i| m | bit(i));
-            (t.up && t.gen == g && t.rebuild.is_none() && t.dirty.iter().all(|d| d & targets == 0))
+            let bits = (0..CHUNKS as u8).fold(0, |m, ch| m | Self::held_bits(s, cur, ch));
+            (t.up && t.gen == g && t.rebuild.is_none() && bits & targets == 0)
                 .then_some(u64::from(g))
         });
         Knowledge {
@@ -576,6 +823,14 @@ impl TomaModel {
             rebuild_done,
             replacement,
         }
+    }
+
+    /// The dirty bits of `chunk` the rebuilder works from: the OR of the bitmaps of every
+    /// live RWL member's TOMA (each holds them all, so that one more loss keeps them).
+    fn held_bits(s: &State, t: &Topology, chunk: u8) -> u8 {
+        t.members_with(Role::Rwl)
+            .filter(|&i| s.tomas[i].up)
+            .fold(0, |m, i| m | s.tomas[i].dirty[usize::from(chunk)])
     }
 
     // ---- client logic ----
@@ -589,6 +844,10 @@ impl TomaModel {
         op.todo = 0;
         match stage {
             Stage::Lock => {
+                // What an earlier pass read or computed is stale (kept out of the state).
+                if self.raid6 {
+                    op.vec = [0; K];
+                }
                 // One at a time, in the order toma-core gives.
                 let order = locks(t, u64::from(op.chunk));
                 let next = order.iter().find(|&&m| op.held & bit(m) == 0);
@@ -596,17 +855,43 @@ impl TomaModel {
                     op.stage = Stage::Blocked;
                 } else if let Some(&m) = next {
                     op.todo = bit(m);
+                } else if op.kind == OpKind::Read {
+                    self.enter_stage(s, op, Stage::Read, gen);
                 } else {
+                    self.enter_stage(s, op, Stage::ReadOld, gen);
+                }
+            }
+            Stage::ReadOld => {
+                op.got = 0;
+                op.cells = [[0; K]; MAX_MEMBERS];
+                let mut need = 0;
+                if self.raid6 {
+                    for j in (0..self.k()).filter(|&j| op.blocks & bit(j) == 0) {
+                        match self.raid6_read_set(t, op.chunk, j) {
+                            Some(m) => need |= m,
+                            None => {
+                                op.stage = Stage::Blocked;
+                                return;
+                            }
+                        }
+                    }
+                }
+                if need == 0 {
+                    self.compute_new(t, op);
                     self.enter_stage(s, op, Stage::Write, gen);
+                } else {
+                    op.todo = need;
                 }
             }
             Stage::Write => {
+                op.got = 0;
+                op.cells = [[0; K]; MAX_MEMBERS];
                 let w = Self::write_set(t, op.chunk);
                 let (holders, _) = self.dirty_to_set(t, op.chunk);
                 if w == 0 {
                     op.stage = Stage::Blocked;
                 } else {
-                    op.todo = w | holders;
+                    op.todo = self.data_targets(t, op) | holders;
                 }
             }
             Stage::Unlock => {
@@ -615,22 +900,73 @@ impl TomaModel {
                     (op.held | (op.clear & holders)) & t.alive().iter().fold(0, |m, &i| m | bit(i));
                 op.clear &= holders;
             }
-            Stage::Read => match self.read_from(t, op.chunk) {
-                Some(r) => op.todo = bit(r),
+            Stage::Read => {
+                op.got = 0;
+                op.cells = [[0; K]; MAX_MEMBERS];
+                let set = if self.raid6 {
+                    let j = (0..self.k())
+                        .find(|&j| op.blocks & bit(j) != 0)
+                        .unwrap_or(0);
+                    self.raid6_read_set(t, op.chunk, j)
+                } else {
+                    self.read_from(t, op.chunk).map(bit)
+                };
+                // RAID6: a read that reconstructs reads several members, which a write may
+                // change in between; it holds the stripe's locks meanwhile (a lock test after
+                // the read misses a write that ended before the test).
+                let reconstruct = self.raid6 && set.is_some_and(|m| m.count_ones() > 1);
+                let need = Self::lock_set(t, op.chunk);
+                if reconstruct && op.held & need != need {
+                    self.enter_stage(s, op, Stage::Lock, gen);
+                    return;
+                }
+                match set {
+                    Some(m) => op.todo = m,
+                    None => op.stage = Stage::Blocked,
+                }
+            }
+            Stage::Test => match locks(t, u64::from(op.chunk)).first() {
+                Some(&m) => op.todo = bit(m),
                 None => op.stage = Stage::Blocked,
             },
             Stage::Blocked => {}
         }
     }
 
+    /// RAID6 writer: the stripe's new data versions, from the old ones it read.
+    fn compute_new(&self, t: &Topology, op: &mut Op) {
+        let OpKind::Write(id) = op.kind else {
+            return;
+        };
+        let mut v = [0; K];
+        for (j, x) in v.iter_mut().enumerate().take(self.k()) {
+            *x = if op.blocks & bit(j) != 0 || !self.raid6 {
+                id
+            } else {
+                self.decode(t, op.chunk, op.got, &op.cells, j)
+            };
+        }
+        op.vec = v;
+    }
+
+    /// A read's data needs no separate lock test: it was read with READ_TEST_LOCK from the
+    /// unit's lock member (always for RAID1; for RAID6 when the chunk's own member is it).
+    fn read_was_tested(&self, t: &Topology, op: &Op) -> bool {
+        !self.raid6
+            || locks(t, u64::from(op.chunk))
+                .first()
+                .is_some_and(|&m| op.got == bit(m))
+    }
+
     fn request_for(&self, s: &State, op: &Op, member: usize) -> Req {
         let t = s.topo(op.gen);
         match op.stage {
             Stage::Lock => Req::Lock(op.chunk),
+            Stage::ReadOld => Req::Get(op.chunk),
             Stage::Write => {
                 let data = match op.kind {
-                    OpKind::Write(id) if Self::write_set(t, op.chunk) & bit(member) != 0 => {
-                        Some(id)
+                    OpKind::Write(_) if self.data_targets(t, op) & bit(member) != 0 => {
+                        Some(self.cell_for(t, op.chunk, member, op.vec))
                     }
                     _ => None,
                 };
@@ -658,7 +994,16 @@ impl TomaModel {
                     clear,
                 }
             }
-            Stage::Read | Stage::Blocked => Req::Read(op.chunk),
+            Stage::Read => {
+                // The lock member itself: READ_TEST_LOCK (read and test in one round trip).
+                let lockm = locks(t, u64::from(op.chunk)).first().copied();
+                if !self.raid6 || (op.todo | op.pending) == bit(member) && lockm == Some(member) {
+                    Req::Read(op.chunk)
+                } else {
+                    Req::Get(op.chunk)
+                }
+            }
+            Stage::Test | Stage::Blocked => Req::Read(op.chunk),
         }
     }
 
@@ -689,12 +1034,58 @@ impl TomaModel {
                     // Every member of the issue generation has it: acknowledged. Bits are
                     // cleared only if no newer generation is known (skipping is safe).
                     if let OpKind::Write(id) = op.kind {
-                        self.write_acked(s, op.chunk, id);
+                        self.write_acked(s, op.blocks, id);
                     }
-                    op.clear = if op.gen == cgen { 0xFF } else { 0 };
+                    op.clear = if op.gen == cgen && self.whole_unit(op.blocks) {
+                        0xFF
+                    } else {
+                        0
+                    };
                     self.enter_stage(s, &mut op, Stage::Unlock, cgen);
                     changed = true;
                 } else if complete && op.stage == Stage::Unlock {
+                    done = true;
+                    changed = true;
+                } else if complete && op.stage == Stage::ReadOld && op.gen == cgen {
+                    let t = s.topo(op.gen);
+                    self.compute_new(t, &mut op);
+                    let bad = (0..self.k()).find(|&j| {
+                        let v = op.vec[j];
+                        op.blocks & bit(j) == 0
+                            && (v == MIX || v == GARBAGE || v != 0 && !self.was_written(s, j, v))
+                    });
+                    if let Some(j) = bad {
+                        s.violation.get_or_insert(Viol {
+                            prop: Prop::Rmw,
+                            client: c as u8,
+                            chunk: j as u8,
+                            got: op.vec[j],
+                            want: None,
+                        });
+                    }
+                    self.enter_stage(s, &mut op, Stage::Write, cgen);
+                    changed = true;
+                } else if complete
+                    && op.stage == Stage::Read
+                    && (op.gen == cgen || self.read_was_tested(s.topo(op.gen), &op))
+                {
+                    let t = s.topo(op.gen);
+                    if op.held != 0 {
+                        // Read under the stripe's locks: return it, then unlock.
+                        self.finish_read(s, c, &op);
+                        op.clear = 0;
+                        self.enter_stage(s, &mut op, Stage::Unlock, cgen);
+                        changed = true;
+                    } else if self.read_was_tested(t, &op) {
+                        self.finish_read(s, c, &op);
+                        done = true;
+                        changed = true;
+                    } else {
+                        self.enter_stage(s, &mut op, Stage::Test, cgen);
+                        changed = true;
+                    }
+                } else if complete && op.stage == Stage::Test {
+                    self.finish_read(s, c, &op);
                     done = true;
                     changed = true;
                 } else if op.pending == 0 && op.gen < cgen {
@@ -721,7 +1112,12 @@ impl TomaModel {
                             self.enter_stage(s, &mut op, Stage::Lock, g);
                             changed = true;
                         }
-                        Stage::Write | Stage::Unlock | Stage::Read | Stage::Blocked => {}
+                        Stage::ReadOld
+                        | Stage::Write
+                        | Stage::Unlock
+                        | Stage::Read
+                        | Stage::Test
+                        | Stage::Blocked => {}
                     }
                 }
                 if !done && op.todo != 0 && op.gen >= cgen {
@@ -768,15 +1164,16 @@ impl TomaModel {
         }
     }
 
-    fn write_started(&self, s: &mut State, c: usize, chunk: u8, id: u8) {
-        let ch = usize::from(chunk);
-        s.hist.started[ch] |= 1 << id;
-        s.hist.inflight[ch] |= 1 << id;
-        s.hist.stable[ch] = None;
-        s.hist.quiet_val[ch] = None;
+    fn write_started(&self, s: &mut State, c: usize, blocks: u8, id: u8) {
+        for b in (0..BLOCKS).filter(|&b| blocks & bit(b) != 0) {
+            s.hist.started[b] |= 1 << id;
+            s.hist.inflight[b] |= 1 << id;
+            s.hist.stable[b] = None;
+            s.hist.quiet_val[b] = None;
+        }
         for (k, cl) in s.clients.iter_mut().enumerate() {
             if let Some(op) = cl.op.as_mut() {
-                if k != c && op.kind == OpKind::Read && op.chunk == chunk {
+                if k != c && op.kind == OpKind::Read && op.blocks & blocks != 0 {
                     op.expect = None;
                     op.quiet = false;
                 }
@@ -784,24 +1181,43 @@ impl TomaModel {
         }
     }
 
-    fn write_acked(&self, s: &mut State, chunk: u8, id: u8) {
-        let ch = usize::from(chunk);
-        s.hist.inflight[ch] &= !(1 << id);
-        if s.hist.inflight[ch] == 0 {
-            s.hist.stable[ch] = Some(id);
+    fn write_acked(&self, s: &mut State, blocks: u8, id: u8) {
+        for b in (0..BLOCKS).filter(|&b| blocks & bit(b) != 0) {
+            s.hist.inflight[b] &= !(1 << id);
+            if s.hist.inflight[b] == 0 {
+                s.hist.stable[b] = Some(id);
+            }
         }
     }
 
-    fn read_returned(&self, s: &mut State, c: usize, op: &Op, v: u8) {
-        let ch = usize::from(op.chunk);
+    /// Whether some write of block `b` ever started with id `v`.
+    fn was_written(&self, s: &State, b: usize, v: u8) -> bool {
+        v < 16 && s.hist.started[b] & (1 << v) != 0
+    }
+
+    /// The value a read whose data all arrived returns, checked against the history.
+    fn finish_read(&self, s: &mut State, c: usize, op: &Op) {
+        let t = s.topo(op.gen);
+        let b = (0..BLOCKS).find(|&b| op.blocks & bit(b) != 0).unwrap_or(0);
+        let v = if self.raid6 {
+            self.decode(t, op.chunk, op.got, &op.cells, self.pos(b))
+        } else {
+            (0..self.n())
+                .find(|&m| op.got & bit(m) != 0)
+                .map_or(0, |m| op.cells[m][0])
+        };
+        self.read_returned(s, c, op, b, v);
+    }
+
+    fn read_returned(&self, s: &mut State, c: usize, op: &Op, b: usize, v: u8) {
         let viol = |prop, want| Viol {
             prop,
             client: c as u8,
-            chunk: op.chunk,
+            chunk: b as u8,
             got: v,
             want,
         };
-        if v != 0 && (v == GARBAGE || s.hist.started[ch] & (1 << v) == 0) {
+        if v != 0 && !self.was_written(s, b, v) {
             s.violation.get_or_insert(viol(Prop::P3, None));
         }
         if let Some(e) = op.expect {
@@ -810,12 +1226,12 @@ impl TomaModel {
             }
         }
         if op.quiet {
-            if let Some(q) = s.hist.quiet_val[ch] {
+            if let Some(q) = s.hist.quiet_val[b] {
                 if q != v {
                     s.violation.get_or_insert(viol(Prop::P2, Some(q)));
                 }
             }
-            s.hist.quiet_val[ch] = Some(v);
+            s.hist.quiet_val[b] = Some(v);
         }
     }
 
@@ -862,8 +1278,14 @@ impl TomaModel {
                 }
             }
             Resp::ReadOk(v) => {
-                if let Some(op) = cl.op.take() {
-                    self.read_returned(s, c, &op, v);
+                if let Some(op) = cl.op.as_mut() {
+                    if op.pending & bit(from) != 0 {
+                        op.pending &= !bit(from);
+                        if matches!(op.stage, Stage::Read | Stage::ReadOld) {
+                            op.cells[from] = v;
+                            op.got |= bit(from);
+                        }
+                    }
                 }
             }
         }
@@ -887,8 +1309,9 @@ impl TomaModel {
             return false;
         }
         match req {
+            // One of an older generation is bounced at once (RETRY) rather than waiting.
             Req::Lock(ch) | Req::Read(ch) => {
-                !matches!(t.locks[usize::from(*ch)], Some(h) if h != from)
+                gen < t.gen || !matches!(t.locks[usize::from(*ch)], Some(h) if h != from)
             }
             _ => true,
         }
@@ -906,6 +1329,16 @@ impl TomaModel {
             return;
         }
         let dead_here = s.topo(t.gen).role(to).is_dead();
+        if let Req::Lock(ch) | Req::Read(ch) = req {
+            // Locked by another client and from an older generation: the real agent answers
+            // LOCKED and the client retries under the newest generation it knows; a request
+            // waiting here would hold back its client's ACK_TOPO (as TomaLearn's bounce).
+            if gen < t.gen && matches!(t.locks[usize::from(ch)], Some(h) if h != from) {
+                let g = t.gen;
+                self.respond(s, to, from, Resp::Retry(g));
+                return;
+            }
+        }
         match req {
             Req::Lock(ch) => {
                 s.tomas[to].locks[usize::from(ch)] = Some(from);
@@ -934,7 +1367,7 @@ impl TomaModel {
                 t.dirty[ch] &= !clear;
                 self.respond(s, to, from, Resp::Done);
             }
-            Req::Read(ch) => {
+            Req::Read(ch) | Req::Get(ch) => {
                 let v = s.disks[to].data[usize::from(ch)];
                 self.respond(s, to, from, Resp::ReadOk(v));
             }
@@ -963,9 +1396,13 @@ impl TomaModel {
             rb.ok |= bit(from);
         }
         if rb.pending == 0 {
-            let t = &mut s.tomas[h];
+            // CLEAR_DIRTY on every holder (modelled as one step: a clear that is late or
+            // lost only leaves a bit set, which is safe), then UNLOCK.
             let ch = usize::from(rb.chunk);
-            t.dirty[ch] &= !rb.ok;
+            for t in s.tomas.iter_mut().filter(|t| t.up) {
+                t.dirty[ch] &= !rb.ok;
+            }
+            let t = &mut s.tomas[h];
             if t.locks[ch] == Some(REBUILDER) {
                 t.locks[ch] = None;
             }
@@ -1050,7 +1487,9 @@ impl TomaModel {
                 })
     }
 
-    /// P4: in Normal with nothing in flight, every member holds the same data.
+    /// P4: in Normal with nothing in flight, every member holds the same data (RAID6: each
+    /// data member its chunk of one data vector, P and Q computed from that same vector, so
+    /// any k members decode it), and that data is the last acknowledged write of each block.
     pub fn converged(&self, s: &State) -> bool {
         let quiet = s.current().phase() == Phase::Normal
             && s.disks.iter().all(|d| d.up)
@@ -1065,7 +1504,34 @@ impl TomaModel {
                     }
                 )
             });
-        !quiet || s.disks.windows(2).all(|w| w[0].data == w[1].data)
+        !quiet || (0..self.units()).all(|u| self.unit_converged(s, u))
+    }
+
+    /// The data vector of `unit` as its data members hold it, if every member agrees with it
+    /// and it is the last acknowledged write of each block.
+    pub fn unit_converged(&self, s: &State, unit: u8) -> bool {
+        let t = s.current();
+        let ch = usize::from(unit);
+        let truth: Cell = if self.raid6 {
+            let mut v = [0; K];
+            for (j, x) in v.iter_mut().enumerate().take(self.k()) {
+                *x = s.disks[raid6_data_member(t, u64::from(unit), j)].data[ch][j];
+            }
+            v
+        } else {
+            s.disks[0].data[ch]
+        };
+        let members_agree =
+            (0..self.n()).all(|m| s.disks[m].data[ch] == self.cell_for(t, unit, m, truth));
+        let latest = (0..BLOCKS).all(|b| {
+            let (u, p) = if self.raid6 {
+                (b / self.k(), b % self.k())
+            } else {
+                (b, 0)
+            };
+            u != ch || s.hist.stable[b].is_none_or(|v| truth[p] == v)
+        });
+        members_agree && latest
     }
 
     /// P5: the actors (clients, rebuilder) that hold a complete lock set of `chunk` right now,
@@ -1129,7 +1595,7 @@ impl Model for TomaModel {
                 .map(|_| Disk {
                     up: true,
                     incarnation: 0,
-                    data: [0; CHUNKS],
+                    data: [[0; K]; CHUNKS],
                 })
                 .collect(),
             clients: (0..c)
@@ -1143,10 +1609,10 @@ impl Model for TomaModel {
                 .collect(),
             net: Vec::new(),
             hist: History {
-                started: [0; CHUNKS],
-                inflight: [0; CHUNKS],
-                stable: [Some(0); CHUNKS],
-                quiet_val: [None; CHUNKS],
+                started: [0; BLOCKS],
+                inflight: [0; BLOCKS],
+                stable: [Some(0); BLOCKS],
+                quiet_val: [None; BLOCKS],
             },
             violation: None,
             failures_left: self.cfg.failures,
@@ -1162,23 +1628,29 @@ impl Model for TomaModel {
         let n = self.n();
         for (c, cl) in s.clients.iter().enumerate() {
             if cl.op.is_none() {
-                for chunk in 0..CHUNKS as u8 {
-                    if cl.writes_done < self.cfg.writes {
+                if cl.writes_done < self.cfg.writes {
+                    for target in 0..self.write_targets().len() as u8 {
                         out.push(Action::StartWrite {
                             client: c as u8,
-                            chunk,
+                            target,
                         });
                     }
-                    if cl.reads_done < self.reads_of(c) {
+                }
+                if cl.reads_done < self.reads_of(c) {
+                    for target in 0..self.read_targets().len() as u8 {
                         out.push(Action::StartRead {
                             client: c as u8,
-                            chunk,
+                            target,
                         });
                     }
                 }
             }
         }
         let mut last: Option<&Msg> = None;
+        // RAID6 reduction: of one actor's requests, only the deliverable one to the lowest
+        // member is offered (its fan-out lands in member order; every interleaving with
+        // other actors, failures and topology changes is still explored).
+        let mut first_of: Vec<u8> = Vec::new();
         for m in &s.net {
             if last == Some(m) {
                 continue;
@@ -1187,6 +1659,11 @@ impl Model for TomaModel {
             let ok = match m {
                 Msg::Req { from, to, gen, req } => {
                     self.deliverable(s, *from, usize::from(*to), *gen, req)
+                        && (!self.raid6 || {
+                            let first = !first_of.contains(from);
+                            first_of.push(*from);
+                            first
+                        })
                 }
                 Msg::Resp { .. } => true,
             };
@@ -1203,9 +1680,9 @@ impl Model for TomaModel {
                 let topo = s.topo(t.gen);
                 if Self::rebuilder_of(topo) == Some(i) {
                     let targets = topo.members_with(Role::W).fold(0, |m, j| m | bit(j));
-                    for chunk in 0..CHUNKS as u8 {
+                    for chunk in 0..self.units() {
                         let ch = usize::from(chunk);
-                        if t.dirty[ch] & targets != 0
+                        if Self::held_bits(s, topo, chunk) & targets != 0
                             && t.locks[ch].is_none()
                             && Self::lock_set(topo, chunk) == bit(i)
                         {
@@ -1229,10 +1706,18 @@ impl Model for TomaModel {
         if s.leader.zombie.is_some() {
             out.push(Action::ZombieWrite);
         }
+        let first_fail = usize::from(!self.cfg.fail_lock_place);
         for i in 0..n {
             let d = &s.disks[i];
-            if d.up && s.failures_left > 0 && !s.current().role(i).is_dead() {
+            if i >= first_fail && d.up && s.failures_left > 0 && !s.current().role(i).is_dead() {
                 out.push(Action::FailDisk(i as u8));
+                if self.raid6 && s.failures_left > 1 {
+                    for j in i + 1..n {
+                        if s.disks[j].up && !s.current().role(j).is_dead() {
+                            out.push(Action::FailTwo(i as u8, j as u8));
+                        }
+                    }
+                }
             }
             if !d.up && s.current().role(i).is_dead() {
                 out.push(Action::ReturnDisk {
@@ -1272,14 +1757,19 @@ impl Model for TomaModel {
     fn next_state(&self, last: &State, action: Action) -> Option<State> {
         let mut s = last.clone();
         match action {
-            Action::StartWrite { client, chunk } => {
+            Action::StartWrite { client, target } => {
                 let c = usize::from(client);
+                let (chunk, blocks) = *self.write_targets().get(usize::from(target))?;
                 let id = self.write_id(c, s.clients[c].writes_done);
                 s.clients[c].writes_done += 1;
-                self.write_started(&mut s, c, chunk, id);
+                self.write_started(&mut s, c, blocks, id);
                 let mut op = Op {
                     kind: OpKind::Write(id),
                     chunk,
+                    blocks,
+                    cells: [[0; K]; MAX_MEMBERS],
+                    got: 0,
+                    vec: if self.raid6 { [0; K] } else { [id, 0, 0, 0] },
                     gen: 0,
                     stage: Stage::Lock,
                     pending: 0,
@@ -1293,13 +1783,18 @@ impl Model for TomaModel {
                 self.enter_stage(&s, &mut op, Stage::Lock, g);
                 s.clients[c].op = Some(op);
             }
-            Action::StartRead { client, chunk } => {
+            Action::StartRead { client, target } => {
                 let c = usize::from(client);
+                let (chunk, blocks) = *self.read_targets().get(usize::from(target))?;
                 s.clients[c].reads_done += 1;
-                let ch = usize::from(chunk);
+                let ch = (0..BLOCKS).find(|&b| blocks & bit(b) != 0).unwrap_or(0);
                 let mut op = Op {
                     kind: OpKind::Read,
                     chunk,
+                    blocks,
+                    cells: [[0; K]; MAX_MEMBERS],
+                    got: 0,
+                    vec: [0; K],
                     gen: 0,
                     stage: Stage::Read,
                     pending: 0,
@@ -1340,7 +1835,8 @@ impl Model for TomaModel {
                 if new_t.role(i) == Role::Rwl {
                     for (w, m) in new_t.members.iter().enumerate() {
                         if m.role == Role::W && m.full_rebuild && old_t.role(w) != Role::W {
-                            for d in s.tomas[i].dirty.iter_mut() {
+                            let units = usize::from(self.units());
+                            for d in s.tomas[i].dirty.iter_mut().take(units) {
                                 *d |= bit(w);
                             }
                         }
@@ -1378,10 +1874,31 @@ impl Model for TomaModel {
                 let ch = usize::from(chunk);
                 let gen = s.tomas[h].gen;
                 let topo = s.topo(gen);
-                let targets =
-                    topo.members_with(Role::W).fold(0, |m, j| m | bit(j)) & s.tomas[h].dirty[ch];
-                let src = read_member(topo, u64::from(chunk))?;
-                let v = s.disks[src].data[ch];
+                let targets = topo.members_with(Role::W).fold(0, |m, j| m | bit(j))
+                    & Self::held_bits(&s, topo, chunk);
+                // Read under the stripe's lock: RAID1 from the read member, RAID6 the whole
+                // stripe decoded from the k readable members toma-core names.
+                let v = if self.raid6 {
+                    let mut got = 0;
+                    let mut cells = [[0; K]; MAX_MEMBERS];
+                    for j in 0..self.k() {
+                        let set = self.raid6_read_set(topo, chunk, j)?;
+                        for m in (0..self.n()).filter(|&m| set & bit(m) != 0) {
+                            got |= bit(m);
+                            cells[m] = s.disks[m].data[ch];
+                        }
+                    }
+                    let mut v = [0; K];
+                    for (j, x) in v.iter_mut().enumerate().take(self.k()) {
+                        *x = self.decode(topo, chunk, got, &cells, j);
+                    }
+                    v
+                } else {
+                    let src = read_member(topo, u64::from(chunk))?;
+                    s.disks[src].data[ch]
+                };
+                let n = self.n();
+                let cells: Vec<Cell> = (0..n).map(|w| self.cell_for(topo, chunk, w, v)).collect();
                 s.tomas[h].locks[ch] = Some(REBUILDER);
                 s.tomas[h].rebuild = Some(RebuildOp {
                     chunk,
@@ -1389,7 +1906,7 @@ impl Model for TomaModel {
                     pending: targets,
                     ok: 0,
                 });
-                for w in 0..self.n() {
+                for (w, cell) in cells.into_iter().enumerate() {
                     if targets & bit(w) != 0 && s.tomas[w].up {
                         s.send(Msg::Req {
                             from: REBUILDER,
@@ -1397,7 +1914,7 @@ impl Model for TomaModel {
                             gen,
                             req: Req::Write {
                                 chunk,
-                                data: Some(v),
+                                data: Some(cell),
                                 dirty: 0,
                             },
                         });
@@ -1431,13 +1948,20 @@ impl Model for TomaModel {
                 s.disks[i].up = false;
                 self.drop_member(&mut s, i);
             }
+            Action::FailTwo(i, j) => {
+                s.failures_left = s.failures_left.saturating_sub(2);
+                for m in [usize::from(i), usize::from(j)] {
+                    s.disks[m].up = false;
+                    self.drop_member(&mut s, m);
+                }
+            }
             Action::ReturnDisk { member, new_disk } => {
                 let i = usize::from(member);
                 let d = &mut s.disks[i];
                 d.up = true;
                 if new_disk {
                     d.incarnation += 1;
-                    d.data = [GARBAGE; CHUNKS];
+                    d.data = [[GARBAGE; K]; CHUNKS];
                 }
                 let g = s.store_gen();
                 s.tomas[i] = Toma::fresh(g, s.clients.len(), false);
@@ -1469,6 +1993,7 @@ impl Model for TomaModel {
             Property::always("P1 durability", |_, s| !viol_is(s, Prop::P1)),
             Property::always("P2 stability", |_, s| !viol_is(s, Prop::P2)),
             Property::always("P3 validity", |_, s| !viol_is(s, Prop::P3)),
+            Property::always("RMW decodes the old stripe", |_, s| !viol_is(s, Prop::Rmw)),
             Property::always("P4 convergence", |m, s| m.converged(s)),
             Property::always("P5 exclusion", |m, s| m.excluded(s)),
             Property::always("planner accepts its input", |_, s| {

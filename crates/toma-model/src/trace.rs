@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use stateright::Path;
 
 use crate::model::{
-    Action, Msg, OpKind, Prop, Req, Resp, State, TomaModel, CHUNKS, GARBAGE, REBUILDER,
+    Action, Cell, Msg, OpKind, Prop, Req, Resp, State, TomaModel, CHUNKS, GARBAGE, MIX, REBUILDER,
 };
 
 fn actor(a: u8) -> String {
@@ -20,17 +20,30 @@ fn val(v: u8) -> String {
     match v {
         0 => "initial".into(),
         GARBAGE => "garbage".into(),
+        MIX => "a mixture".into(),
         v => format!("w{v}"),
     }
 }
 
-fn req(r: &Req) -> String {
+/// A cell: RAID1 its value; RAID6 the data versions it holds (`-` where it holds none).
+fn cell(c: &Cell, raid6: bool) -> String {
+    if !raid6 {
+        return val(c[0]);
+    }
+    let v: Vec<_> = c
+        .iter()
+        .map(|&x| if x == 0 { "-".to_string() } else { val(x) })
+        .collect();
+    format!("<{}>", v.join(" "))
+}
+
+fn req(r: &Req, raid6: bool) -> String {
     match r {
         Req::Lock(c) => format!("LOCK chunk{c}"),
         Req::Write { chunk, data, dirty } => {
             let mut s = format!("WRITE chunk{chunk}");
             if let Some(d) = data {
-                let _ = write!(s, " data={}", val(*d));
+                let _ = write!(s, " data={}", cell(d, raid6));
             }
             if *dirty != 0 {
                 let _ = write!(s, " +SET_DIRTY(targets={dirty:#b})");
@@ -44,40 +57,64 @@ fn req(r: &Req) -> String {
                 format!("UNLOCK chunk{chunk}")
             }
         }
-        Req::Read(c) => format!("READ_TEST_LOCK chunk{c}"),
+        Req::Read(c) => format!("READ_TEST_LOCK unit{c}"),
+        Req::Get(c) => format!("READ unit{c}"),
     }
 }
 
-fn resp(r: &Resp) -> String {
+fn resp(r: &Resp, raid6: bool) -> String {
     match r {
         Resp::SwitchTopo(g) => format!("SWITCH_TOPO(g{g})"),
         Resp::LockOk => "LOCK ok".into(),
         Resp::Retry(g) => format!("RETRY (TOMA moved to g{g})"),
         Resp::Done => "ok".into(),
-        Resp::ReadOk(v) => format!("data={}", val(*v)),
+        Resp::ReadOk(v) => format!("data={}", cell(v, raid6)),
         Resp::Rejected => "REJECTED (fenced/stale)".into(),
     }
 }
 
-pub fn describe(s: &State, a: &Action) -> String {
+fn target(m: &TomaModel, unit: u8, blocks: u8) -> String {
+    if !m.is_raid6() {
+        return format!("chunk{unit}");
+    }
+    if blocks == m.full_mask() {
+        return format!("the whole stripe{unit}");
+    }
+    let j = (0..8).find(|&j| blocks & (1 << j) != 0).unwrap_or(0);
+    format!("data chunk {j} of stripe{unit}")
+}
+
+pub fn describe(m: &TomaModel, s: &State, a: &Action) -> String {
+    let r6 = m.is_raid6();
     match a {
-        Action::StartWrite { client, chunk } => {
+        Action::StartWrite { client, target: t } => {
             let c = &s.clients[usize::from(*client)];
+            let (u, b) = m.write_targets()[usize::from(*t)];
             format!(
-                "client{client} starts write #{} of chunk{chunk} under g{}",
+                "client{client} starts write #{} of {} under g{}",
                 c.writes_done + 1,
+                target(m, u, b),
                 c.gen
             )
         }
-        Action::StartRead { client, chunk } => {
+        Action::StartRead { client, target: t } => {
             let c = &s.clients[usize::from(*client)];
-            format!("client{client} starts a read of chunk{chunk} under g{}", c.gen)
+            let (u, b) = m.read_targets()[usize::from(*t)];
+            format!(
+                "client{client} starts a read of {} under g{}",
+                target(m, u, b),
+                c.gen
+            )
         }
         Action::Deliver(Msg::Req { from, to, gen, req: r }) => {
-            format!("m{to}'s TOMA receives {} from {} (g{gen})", req(r), actor(*from))
+            format!(
+                "m{to}'s TOMA receives {} from {} (g{gen})",
+                req(r, r6),
+                actor(*from)
+            )
         }
         Action::Deliver(Msg::Resp { from, to, resp: r }) => {
-            format!("{} receives {} from m{from}'s TOMA", actor(*to), resp(r))
+            format!("{} receives {} from m{from}'s TOMA", actor(*to), resp(r, r6))
         }
         Action::TomaLearn(i) => format!(
             "m{i}'s TOMA learns g{} and sends SWITCH_TOPO to its clients",
@@ -90,6 +127,9 @@ pub fn describe(s: &State, a: &Action) -> String {
         Action::LeaderCrash => "leader crashes; a standby takes the Lease".into(),
         Action::ZombieWrite => "the deposed leader wakes and tries its stale write".into(),
         Action::FailDisk(i) => format!("m{i}'s disk is unplugged (its TOMA's RAM is lost)"),
+        Action::FailTwo(i, j) => format!(
+            "m{i}'s and m{j}'s disks are unplugged at once (their TOMAs' RAM is lost)"
+        ),
         Action::ReturnDisk { member, new_disk } => {
             if *new_disk {
                 format!("a NEW disk is plugged in to replace m{member}")
@@ -103,7 +143,7 @@ pub fn describe(s: &State, a: &Action) -> String {
     }
 }
 
-fn summary(s: &State) -> String {
+fn summary(m: &TomaModel, s: &State) -> String {
     let t = s.current();
     let tomas: Vec<_> = s
         .tomas
@@ -121,7 +161,10 @@ fn summary(s: &State) -> String {
         .disks
         .iter()
         .map(|d| {
-            let v: Vec<_> = d.data.iter().map(|v| val(*v)).collect();
+            let v: Vec<_> = d.data[..usize::from(m.units())]
+                .iter()
+                .map(|v| cell(v, m.is_raid6()))
+                .collect();
             format!("[{}]", v.join(","))
         })
         .collect();
@@ -141,16 +184,27 @@ fn why(m: &TomaModel, name: &str, s: &State) -> String {
             Prop::P2 => "a quiet read returned something else before",
             Prop::P3 => "no write ever wrote it",
             Prop::Planner => "the planner refused its input",
+            Prop::Rmw => {
+                return format!(
+                    "client{}'s read-modify-write decoded data chunk {} of the stripe as {}, \
+                     which no write wrote: the parity it writes would be wrong",
+                    v.client,
+                    v.chunk,
+                    val(v.got)
+                )
+            }
         };
         return format!(
-            "client{}'s read of chunk{} returned {}, expected {want} ({what})",
+            "client{}'s read of block{} returned {}, expected {want} ({what})",
             v.client,
             v.chunk,
             val(v.got)
         );
     }
     if name.starts_with("P4") {
-        return "the volume is Normal with nothing in flight but the members differ".into();
+        return "the volume is Normal with nothing in flight but the members differ (or parity \
+                does not match the data, or the data is not the last acknowledged write)"
+            .into();
     }
     if name.starts_with("P5") {
         for c in 0..CHUNKS as u8 {
@@ -203,15 +257,18 @@ pub fn render(m: &TomaModel, name: &str, path: Path<State, Action>) -> String {
     let _ = writeln!(
         out,
         "  0. initial: {}",
-        steps.first().map(|(s, _)| summary(s)).unwrap_or_default()
+        steps
+            .first()
+            .map(|(s, _)| summary(m, s))
+            .unwrap_or_default()
     );
     let mut last = None;
     for (k, w) in steps.windows(2).enumerate() {
         let (s, a) = &w[0];
         let next = &w[1].0;
         if let Some(a) = a {
-            let _ = writeln!(out, "{:>3}. {}", k + 1, describe(s, a));
-            let _ = writeln!(out, "       -> {}", summary(next));
+            let _ = writeln!(out, "{:>3}. {}", k + 1, describe(m, s, a));
+            let _ = writeln!(out, "       -> {}", summary(m, next));
         }
         last = Some(next);
     }

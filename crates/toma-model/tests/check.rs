@@ -63,12 +63,112 @@ fn early_advance_is_caught() {
     assert_caught(Mutation::EarlyAdvance, &["P1", "P2", "P4", "P5", "P6"]);
 }
 
+fn run6(mutation: Option<Mutation>, cfg: Config) -> toma_model::Outcome {
+    match check(Raid::Raid6, Config { mutation, ..cfg }) {
+        Ok(o) => o,
+        Err(e) => panic!("config refused: {e}"),
+    }
+}
+
+/// RAID6 2+2, one client, one disk lost and back or replaced by a NEW disk: exhaustive.
+fn raid6_small() -> Config {
+    Config {
+        clients: 1,
+        failures: 1,
+        fail_lock_place: false,
+        ..Config::default()
+    }
+}
+
+/// RAID6 2+2, two clients, two disks lost at once or one after the other: bounded (the
+/// whole space does not fit in a test).
+fn raid6_bounded() -> Config {
+    Config {
+        failures: 2,
+        fail_lock_place: false,
+        max_states: Some(10_000_000),
+        ..Config::default()
+    }
+}
+
 #[test]
-fn raid6_is_refused_for_now() {
-    let e = check(Raid::Raid6, Config::default()).err();
-    assert_eq!(
-        e.map(|e| e.to_string()),
-        Some("raid6 model not available yet".to_string())
+fn raid6_one_client_one_failure_passes_exhaustively() {
+    let o = run6(None, raid6_small());
+    if let Some((name, trace)) = &o.violation {
+        panic!("{name} violated:\n{trace}");
+    }
+    assert!(o.complete, "the small RAID6 run must be exhaustive");
+    assert!(o.states >= 500_000, "only {} states", o.states);
+}
+
+#[test]
+fn raid6_two_clients_two_failures_pass_bounded() {
+    let o = run6(None, raid6_bounded());
+    if let Some((name, trace)) = &o.violation {
+        panic!("{name} violated:\n{trace}");
+    }
+    assert!(o.states >= 1_000_000, "only {} states", o.states);
+}
+
+fn assert_caught6(m: Mutation, cfg: Config, expect: &[&str]) {
+    let o = run6(Some(m), cfg);
+    let Some((name, trace)) = o.violation else {
+        panic!(
+            "{} was not caught for raid6 ({} states)",
+            m.name(),
+            o.states
+        );
+    };
+    assert!(
+        expect.iter().any(|e| name.starts_with(e)),
+        "{}: unexpected property {name}:\n{trace}",
+        m.name()
+    );
+    assert!(trace.contains("property violated"), "{trace}");
+    assert!(trace.contains("stripe0"), "{trace}");
+}
+
+#[test]
+fn raid6_no_dirty_bits_is_caught() {
+    assert_caught6(
+        Mutation::NoDirtyBits,
+        raid6_small(),
+        &["P1", "P2", "P3", "P4"],
+    );
+}
+
+#[test]
+fn raid6_read_from_w_is_caught() {
+    assert_caught6(Mutation::ReadFromW, raid6_bounded(), &["P1", "P2", "P3"]);
+}
+
+#[test]
+fn raid6_early_advance_is_caught() {
+    let cfg = Config {
+        replacement: false,
+        ..raid6_small()
+    };
+    assert_caught6(
+        Mutation::EarlyAdvance,
+        cfg,
+        &["P1", "P2", "P3", "P4", "P5", "P6", "RMW"],
+    );
+}
+
+#[test]
+fn raid6_bad_config_is_refused() {
+    let e = check(
+        Raid::Raid6,
+        Config {
+            data_members: 5,
+            ..Config::default()
+        },
+    )
+    .err();
+    assert!(
+        e.as_ref()
+            .is_some_and(|e| e.to_string().contains("--data-members 5")),
+        "{e:?}"
     );
 }
 
