@@ -111,6 +111,18 @@ impl Disk {
         self.lost_writes.lock().remove(&(volume, member))
     }
 
+    /// Held across a data write: refuses it once the disk is detached, and keeps a detach
+    /// waiting until it is done.
+    fn write_gate(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>, SuperblockError> {
+        let gate = self.detached.read();
+        if *gate {
+            return Err(SuperblockError::Detached {
+                device: self.name().to_string(),
+            });
+        }
+        Ok(gate)
+    }
+
     /// Clean detach (orderly shutdown): waits for the data writes in flight, refuses every
     /// later one, flushes, then records that no host holds the disk, so the next open (after
     /// a reboot, or on another host) trusts its contents. Idempotent.
@@ -226,12 +238,7 @@ impl Disk {
         buf: &[u8],
     ) -> Result<(), SuperblockError> {
         let at = self.member_offset(volume, member, offset, buf.len())?;
-        let gate = self.detached.read();
-        if *gate {
-            return Err(SuperblockError::Detached {
-                device: self.name().to_string(),
-            });
-        }
+        let _gate = self.write_gate()?;
         Ok(self.dev.write_at(buf, at)?)
     }
 
@@ -370,12 +377,7 @@ impl Disk {
             )));
         }
         let zeros = vec![0u8; superblock::EXTENT_ALIGN as usize];
-        let gate = self.detached.read();
-        if *gate {
-            return Err(SuperblockError::Detached {
-                device: self.name().to_string(),
-            });
-        }
+        let _gate = self.write_gate()?;
         let mut at = e.end();
         while at < end {
             self.dev.write_at(&zeros, at)?;

@@ -91,11 +91,10 @@ async fn verify_stripes(c: &LocalCluster, id: VolumeId, model: &[u8], when: &str
 }
 
 async fn wait_normal(c: &LocalCluster, id: VolumeId, when: &str) {
-    c.wait_topology(id, WAIT, |t| {
-        t.phase() == Phase::Normal && t.members.iter().all(|m| m.role == Role::Rwl)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{when}: not Normal: {e}"));
+    // Normal: every member RWL (`Topology::phase`).
+    c.wait_topology(id, WAIT, |t| t.phase() == Phase::Normal)
+        .await
+        .unwrap_or_else(|e| panic!("{when}: not Normal: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

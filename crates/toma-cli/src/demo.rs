@@ -293,9 +293,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     cluster
         .wait_topology(id, Duration::from_secs(60), |t| {
-            t.phase() == Phase::Normal
-                && t.generation > 1
-                && t.members.iter().all(|m| m.role == toma_core::Role::Rwl)
+            t.phase() == Phase::Normal && t.generation > 1
         })
         .await
         .map_err(anyhow::Error::msg)

@@ -3,23 +3,23 @@
 
 use std::process::Command;
 
-#[test]
-fn demo_kills_a_disk_rebuilds_and_verifies_every_block() {
+/// Runs a shortened `toma demo` with `extra` flags; panics unless it exits 0. Its stdout.
+fn demo_ok(extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_toma"))
-        .args([
-            "demo",
-            "--phase-secs",
-            "1",
-            "--size-mib",
-            "32",
-            "--iops",
-            "1000",
-        ])
+        .arg("demo")
+        .args(extra)
+        .args(["--phase-secs", "1", "--size-mib", "32", "--iops", "1000"])
         .output()
         .expect("run toma demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn demo_kills_a_disk_rebuilds_and_verifies_every_block() {
+    let stdout = demo_ok(&[]);
     for phase in [
         "Degraded",
         "RebuildInit",
@@ -35,23 +35,7 @@ fn demo_kills_a_disk_rebuilds_and_verifies_every_block() {
 
 #[test]
 fn raid6_demo_loses_two_disks_and_verifies_data_and_parity() {
-    let out = Command::new(env!("CARGO_BIN_EXE_toma"))
-        .args([
-            "demo",
-            "--raid",
-            "raid6",
-            "--phase-secs",
-            "1",
-            "--size-mib",
-            "32",
-            "--iops",
-            "1000",
-        ])
-        .output()
-        .expect("run toma demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let stdout = demo_ok(&["--raid", "raid6"]);
     assert_eq!(
         stdout.matches("killing ").count(),
         2,

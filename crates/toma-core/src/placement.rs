@@ -95,6 +95,17 @@ impl DirtyMarks {
     }
 }
 
+/// The members a recovery of `unit` (a fenced client's stale lock) writes, copying from
+/// `reader`'s view: every writable member — RAID1 but the reader, whose copy is the source;
+/// RAID6 the reader too, since the stripe is re-encoded from its data chunks and the
+/// reader's own shard may be the stale one.
+pub fn recovery_targets(t: &Topology, unit: u64, reader: MemberIdx) -> Vec<MemberIdx> {
+    write_members(t, unit)
+        .into_iter()
+        .filter(|&x| x != reader || t.layout.is_raid6())
+        .collect()
+}
+
 /// The member whose TOMA runs a Rebuilding topology's rebuild cycle: the lowest-index RWL
 /// member (it holds the dirty bits and reads the source data from its own disk).
 pub fn rebuilder(t: &Topology) -> Option<MemberIdx> {
@@ -210,26 +221,6 @@ pub fn raid6_sources(t: &Topology, stripe: u64) -> Option<Vec<MemberIdx>> {
         .take(k)
         .collect();
     (picked.len() == k).then_some(picked)
-}
-
-/// Where volume byte `offset` lives: `(member, offset in the member's extent)`. RAID1: every
-/// member at the same offset (the first member is returned); RAID6: the member holding the
-/// byte's data chunk.
-pub fn locate(t: &Topology, offset: u64) -> (MemberIdx, u64) {
-    let chunk = u64::from(t.chunk_size.max(1));
-    match t.layout {
-        crate::Layout::Raid1 { .. } => (0, offset),
-        crate::Layout::Raid6 { data } => {
-            let stripe_bytes = chunk * u64::from(data);
-            let stripe = offset / stripe_bytes;
-            let in_stripe = offset % stripe_bytes;
-            let j = (in_stripe / chunk) as usize;
-            (
-                raid6_data_member(t, stripe, j),
-                stripe * chunk + in_stripe % chunk,
-            )
-        }
-    }
 }
 
 #[cfg(test)]
@@ -352,9 +343,6 @@ mod tests {
             let (p, q) = raid6_parity_members(&t, s);
             assert_eq!((raid6_shard_of(&t, s, p), raid6_shard_of(&t, s, q)), (4, 5));
         }
-        // Data chunk j of stripe s at member offset s * chunk.
-        assert_eq!(locate(&t, 0), (0, 0));
-        assert_eq!(locate(&t, 65536 * 4 + 65536 + 5), (2, 65536 + 5));
         // Two members lost: the sources skip them, data first then parity.
         t.members[1].role = Role::Dead;
         t.members[2].role = Role::Dead;
@@ -368,5 +356,19 @@ mod tests {
         t.members[3].role = Role::Dead;
         assert_eq!(raid6_sources(&t, 0), None);
         assert_eq!(raid6_read(&t, 0, 1), Raid6Read::Unavailable);
+    }
+
+    #[test]
+    fn recovery_rewrites_the_reader_only_for_raid6() {
+        let t = raid1(3);
+        assert_eq!(recovery_targets(&t, 0, 1), vec![0, 2]);
+        let r6 = Topology::new_normal(
+            crate::VolumeId(1),
+            crate::Layout::raid6(2).unwrap(),
+            65536,
+            crate::topology::tests::disks(4),
+        )
+        .unwrap();
+        assert_eq!(recovery_targets(&r6, 0, 1), vec![0, 1, 2, 3]);
     }
 }

@@ -853,8 +853,12 @@ impl World {
                     return;
                 }
             }
-            let member_bytes = self.volume_size / t.layout.data_chunks_per_unit();
-            let mut buf = vec![0u8; member_bytes as usize];
+            let spec = VolumeSpec {
+                layout: t.layout,
+                chunk_size: t.chunk_size,
+                size: self.volume_size,
+            };
+            let mut buf = vec![0u8; spec.member_bytes() as usize];
             if let Err(e) = hm.disk.read_member(t.volume, i, 0, &mut buf) {
                 self.ck
                     .violate(format!("P4: member {i} cannot be read: {e}"));

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use toma_core::placement::{locks, read_member, sets_dirty, write_members};
+use toma_core::placement::{locks, read_member, recovery_targets, sets_dirty};
 use toma_wire::Message;
 use tracing::{info, warn};
 
@@ -143,12 +143,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     }
                 }
             }
-            // RAID1: this member's copy is the one the others get. RAID6: the stripe is
-            // re-encoded from its data chunks, so this member's shard is rewritten too.
-            let to: Vec<usize> = write_members(&t, unit)
-                .into_iter()
-                .filter(|&x| x != me || t.layout.is_raid6())
-                .collect();
+            let to = recovery_targets(&t, unit, me);
             let mut ok = true;
             if let Some(d) = sets_dirty(&t, unit) {
                 let targets = d.target_mask();
