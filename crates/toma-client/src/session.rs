@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use toma_core::{DiskId, Generation, VolumeId};
 use toma_wire::transport::{FrameSender, Transport};
 use toma_wire::{ErrorCode, Frame, Message};
@@ -52,6 +52,8 @@ pub struct Session {
     sender: FrameSender,
     pending: Pending,
     unlocks: Unlocks,
+    /// Woken whenever an UNLOCK's reply arrives (or the connection ends).
+    unlocked: Arc<Notify>,
     next_id: AtomicU64,
     volume: VolumeId,
     timeout: Duration,
@@ -77,6 +79,8 @@ impl Session {
         let p = pending.clone();
         let unlocks: Unlocks = Arc::new(Mutex::new(BTreeMap::new()));
         let u = unlocks.clone();
+        let unlocked = Arc::new(Notify::new());
+        let woken = unlocked.clone();
         tokio::spawn(async move {
             loop {
                 match receiver.recv().await {
@@ -96,6 +100,7 @@ impl Session {
                         } else if let Some(tx) = p.lock().remove(&frame.request_id) {
                             let _ = tx.send(frame.msg);
                         } else if let Some(unit) = u.lock().remove(&frame.request_id) {
+                            woken.notify_waiters();
                             if let Message::Error {
                                 code: ErrorCode::StaleGeneration | ErrorCode::Busy,
                                 ..
@@ -109,6 +114,7 @@ impl Session {
                         debug!(disk = %tag, error = %e, "connection ended");
                         p.lock().clear();
                         u.lock().clear();
+                        woken.notify_waiters();
                         let _ = events.send((tag, Unsolicited::Closed));
                         return;
                     }
@@ -119,6 +125,7 @@ impl Session {
             sender,
             pending,
             unlocks,
+            unlocked,
             next_id: AtomicU64::new(1),
             volume,
             timeout,
@@ -135,7 +142,17 @@ impl Session {
 
     /// Sends `msg` under `generation` and waits for its reply. `Error` replies become
     /// `CallError::Refused`.
+    ///
+    /// A LOCK first waits for the reply to an UNLOCK of the same unit this session sent
+    /// without waiting ([`unlock`](Self::unlock)): were the LOCK served first (a transport
+    /// or a TOMA that does not keep a connection's order), it would find the unit still
+    /// held by this client and succeed, and the late UNLOCK would then free the lock the
+    /// client believes it holds — another writer could interleave (for RAID6 a
+    /// read-modify-write of the same stripe, which loses a write).
     pub async fn call(&self, generation: Generation, msg: Message) -> Result<Message, CallError> {
+        if let Message::Lock { unit } = msg {
+            self.wait_unlocked(unit).await?;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
@@ -158,6 +175,26 @@ impl Session {
                     self.sender.peer(),
                     self.timeout
                 )))
+            }
+        }
+    }
+
+    /// Waits until no UNLOCK of `unit` sent by [`unlock`](Self::unlock) awaits its reply.
+    async fn wait_unlocked(&self, unit: u64) -> Result<(), CallError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let woken = self.unlocked.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if !self.unlocks.lock().values().any(|&u| u == unit) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Err(CallError::Unreachable(format!(
+                    "{} did not answer an UNLOCK of unit {unit} within {:?}",
+                    self.sender.peer(),
+                    self.timeout
+                )));
             }
         }
     }

@@ -222,14 +222,26 @@ impl Checker {
             .retain(|_, (w, _)| !w.starts_with(prefix));
     }
 
+    /// Logs `what` when `b` is the block `TOMA_SIM_TRACE_BLOCK` names (a debugging aid for
+    /// replaying a seed: the history of the block a violation is about).
+    fn trace(&self, b: u64, what: impl FnOnce() -> String) {
+        if std::env::var("TOMA_SIM_TRACE_BLOCK").ok().and_then(|v| v.parse().ok()) == Some(b) {
+            self.log(format!("block {b}: {}", what()));
+        }
+    }
+
     pub fn begin_write(&self, b: u64) -> u64 {
-        let mut st = self.st.lock();
-        let bl = &mut st.blocks;
-        let i = b as usize;
-        bl.issued[i] += 1;
-        bl.inflight[i] += 1;
-        bl.epoch[i] += 1;
-        bl.issued[i]
+        let v = {
+            let mut st = self.st.lock();
+            let bl = &mut st.blocks;
+            let i = b as usize;
+            bl.issued[i] += 1;
+            bl.inflight[i] += 1;
+            bl.epoch[i] += 1;
+            bl.issued[i]
+        };
+        self.trace(b, || format!("write v{v} begins"));
+        v
     }
 
     pub fn end_write(&self, b: u64, version: u64, ok: bool) {
@@ -247,6 +259,8 @@ impl Checker {
         if ok {
             st.writes += 1;
         }
+        drop(st);
+        self.trace(b, || format!("write v{version} ends, ok {ok}"));
     }
 
     /// A client crashed: its writes in flight may or may not land, later.
@@ -301,6 +315,7 @@ impl Checker {
     pub fn end_read(&self, tok: ReadToken, data: &[u8]) {
         let b = tok.block;
         let i = b as usize;
+        self.trace(b, || format!("read ends: {:?}", decode_block(b, data)));
         let problem = {
             let mut st = self.st.lock();
             st.reads += 1;
