@@ -186,6 +186,19 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 next.members[i].full_rebuild = true;
             }
         }
+        if t.phase() == Phase::Resync {
+            // Parity is not trusted until the resync pass is done, so nothing may be
+            // reconstructed: the volume fails again. Every member was written by every
+            // acknowledged write, so all stay last-good, and the resync starts over once
+            // they are all back.
+            for m in next.members.iter_mut() {
+                m.role = Role::Dead;
+                m.last_good = true;
+            }
+            next.rebuild = false;
+            normalize(&mut next);
+            return Ok(Plan::Next(next));
+        }
         forced_failure(&mut next, &lost);
         normalize(&mut next);
         return Ok(Plan::Next(next));
@@ -204,6 +217,11 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 .filter(|(_, m)| m.last_good)
                 .map(|(i, _)| i)
                 .collect();
+            if t.layout.is_raid6() && good.len() == t.n() {
+                if let Some(plan) = raid6_resync(t, k, next.clone()) {
+                    return Ok(plan);
+                }
+            }
             let mut at: Vec<(MemberIdx, NodeId)> = Vec::new();
             for &i in &good {
                 if let Some(node) = &k.members[i].present {
@@ -301,6 +319,16 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
             next.rebuild = true;
             Ok(Plan::Next(next))
         }
+        Phase::Resync => {
+            if k.rebuild_done != Some(g) {
+                return Ok(Plan::Wait(Wait::Rebuild));
+            }
+            for m in next.members.iter_mut() {
+                m.full_rebuild = false;
+            }
+            next.rebuild = false;
+            Ok(Plan::Next(next))
+        }
         Phase::Rebuilding => {
             if k.rebuild_done != Some(g) {
                 return Ok(Plan::Wait(Wait::Rebuild));
@@ -373,6 +401,53 @@ fn forced_failure(next: &mut Topology, lost: &BTreeSet<MemberIdx>) {
     }
 }
 
+/// RAID6 back from Failed when every member held every acknowledged write (it failed from
+/// Normal, or from a resync: a whole-cluster power loss, or three members cut off at once).
+/// A write in flight then, or torn by the power loss, may have left a stripe whose parity
+/// disagrees with its data; decoding such a stripe returns bytes no write wrote, and nothing
+/// records which stripes they are. So no member is rebuilt from the others: once all are
+/// back, each on a node of its own, all become readable and P and Q of every stripe are
+/// re-encoded from the data ([`Phase::Resync`]). Until then the volume waits — unless some
+/// member has been gone so long that the leader offers a replacement, or only some members
+/// lost power since their last flush (those may miss acknowledged writes and must be
+/// rebuilt from the others): then `None`, and the caller restores from k members.
+fn raid6_resync(t: &Topology, k: &Knowledge, mut next: Topology) -> Option<Plan> {
+    let mut nodes = BTreeSet::new();
+    let here = (0..t.n())
+        .filter(|&i| {
+            k.members[i]
+                .present
+                .as_ref()
+                .is_some_and(|n| nodes.insert(n.clone()))
+        })
+        .count();
+    let stale = (0..t.n()).filter(|&i| k.members[i].stale).count();
+    if stale != 0 && stale != t.n() {
+        return None;
+    }
+    if here < t.n() {
+        return k
+            .replacement
+            .is_none()
+            .then_some(Plan::Wait(Wait::NothingToRestore));
+    }
+    for (i, m) in next.members.iter_mut().enumerate() {
+        if let Some(node) = &k.members[i].present {
+            m.node = node.clone();
+        }
+        m.role = Role::Rwl;
+        // After a whole-cluster power loss every member lost its unflushed writes alike
+        // (only flushed ones had to survive). `full_rebuild` on a readable member tells its
+        // agent that the leader took that into account, so it serves again; it is cleared
+        // when the resync is done.
+        m.full_rebuild = k.members[i].stale;
+        m.last_good = false;
+    }
+    next.lock_mode = LockMode::Interleaved;
+    next.rebuild = true;
+    Some(Plan::Next(next))
+}
+
 /// Restores the derived fields: lock mode from the roles, rebuild flag only with W members.
 fn normalize(t: &mut Topology) {
     t.lock_mode = if t.count(Role::Wl) > 0 {
@@ -380,7 +455,7 @@ fn normalize(t: &mut Topology) {
     } else {
         LockMode::Interleaved
     };
-    if t.count(Role::W) == 0 {
+    if t.count(Role::W) == 0 && t.phase() != Phase::Resync {
         t.rebuild = false;
     }
 }
@@ -644,5 +719,97 @@ mod tests {
         k3.members[0].present = None;
         let f = step(&d, &k3);
         assert_eq!(f.phase(), Phase::Failed);
+    }
+
+    /// A RAID6 volume that failed from Normal (every member last-good).
+    fn raid6_failed_from_normal() -> Topology {
+        use crate::layout::Layout;
+        use crate::topology::{tests::disks, VolumeId};
+        let t =
+            Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6)).unwrap();
+        let mut k = all_synced(&t);
+        for i in [0, 2, 4] {
+            k.members[i].present = None;
+        }
+        let f = step(&t, &k);
+        assert_eq!(f.phase(), Phase::Failed);
+        assert!(f.members.iter().all(|m| m.last_good));
+        f
+    }
+
+    #[test]
+    fn raid6_back_from_failed_resyncs_parity_with_every_member() {
+        let f = raid6_failed_from_normal();
+        // Not every member is back: wait for the others (decoding from k could read a torn
+        // stripe).
+        let mut k = all_synced(&f);
+        k.members[5].present = None;
+        assert_eq!(plan(&f, &k).unwrap(), Plan::Wait(Wait::NothingToRestore));
+        // All back: every member readable, P and Q re-encoded.
+        let r = step(&f, &all_synced(&f));
+        assert_eq!(r.phase(), Phase::Resync);
+        assert!(r
+            .members
+            .iter()
+            .all(|m| m.role == Role::Rwl && !m.full_rebuild));
+        assert_eq!(
+            plan(&r, &all_synced(&r)).unwrap(),
+            Plan::Wait(Wait::Rebuild)
+        );
+        let mut k = all_synced(&r);
+        k.rebuild_done = Some(r.generation);
+        let n = step(&r, &k);
+        assert_eq!(n.phase(), Phase::Normal);
+        // A member lost during the resync fails the volume again, every member still good.
+        let mut k = all_synced(&r);
+        k.members[3].present = None;
+        let f2 = step(&r, &k);
+        assert_eq!(f2.phase(), Phase::Failed);
+        assert!(f2
+            .members
+            .iter()
+            .all(|m| m.last_good && m.role == Role::Dead));
+        assert_eq!(step(&f2, &all_synced(&f2)).phase(), Phase::Resync);
+    }
+
+    #[test]
+    fn raid6_back_from_a_cluster_power_loss_resyncs_and_settles_the_lost_writes() {
+        let f = raid6_failed_from_normal();
+        let mut k = all_synced(&f);
+        for m in k.members.iter_mut() {
+            m.stale = true;
+        }
+        let r = step(&f, &k);
+        assert_eq!(r.phase(), Phase::Resync);
+        // The agents read `full_rebuild` as "the leader took the lost writes into account".
+        assert!(r.members.iter().all(|m| m.full_rebuild));
+        let mut k = all_synced(&r);
+        k.rebuild_done = Some(r.generation);
+        let n = step(&r, &k);
+        assert_eq!(n.phase(), Phase::Normal);
+        assert!(n.members.iter().all(|m| !m.full_rebuild));
+    }
+
+    #[test]
+    fn raid6_back_from_failed_without_every_member_restores_from_k() {
+        // Only some members lost power: those may miss acknowledged writes, so the volume
+        // comes back from k members that did not, the others rebuilt in full.
+        let f = raid6_failed_from_normal();
+        let mut k = all_synced(&f);
+        k.members[1].stale = true;
+        let r = step(&f, &k);
+        assert_eq!(r.count(Role::Rwl), 4);
+        assert!(r.members[1].role != Role::Rwl && r.members[1].full_rebuild);
+        // A member gone so long that the leader offers a replacement: stop waiting for it.
+        let mut k = all_synced(&f);
+        k.members[5].present = None;
+        k.replacement = Some(Replacement {
+            member: 5,
+            disk: DiskId(99),
+            node: "n99".into(),
+        });
+        let r = step(&f, &k);
+        assert_eq!(r.count(Role::Rwl), 4);
+        assert_eq!(r.members[5].role, Role::Dead);
     }
 }

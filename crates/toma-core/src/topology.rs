@@ -148,6 +148,12 @@ pub enum Phase {
     RebuildInit,
     Rebuilding,
     DualLock,
+    /// RAID6, every member readable, `rebuild` set: after a restart from Failed with every
+    /// member back, P and Q of every stripe are re-encoded from the data chunks (a write in
+    /// flight when the volume failed, or torn by a power loss, may have left parity that
+    /// disagrees with the data). Readers never reconstruct here (every data member is
+    /// readable); losing any member fails the volume again (parity is not trusted yet).
+    Resync,
     /// Too few readable members: I/O is held until a last-good member returns.
     Failed,
 }
@@ -160,6 +166,7 @@ impl Phase {
             Phase::RebuildInit => "RebuildInit",
             Phase::Rebuilding => "Rebuilding",
             Phase::DualLock => "DualLock",
+            Phase::Resync => "Resync",
             Phase::Failed => "Failed",
         }
     }
@@ -188,7 +195,7 @@ pub enum TopologyError {
     SameDisk { a: usize, b: usize, disk: DiskId },
     #[error("lockMode = {got:?} but {why}")]
     LockMode { got: LockMode, why: &'static str },
-    #[error("rebuild = true but no member is W")]
+    #[error("rebuild = true but no member is W (and it is not a RAID6 parity resync, with every member RWL)")]
     RebuildFlag,
     #[error("members[{idx}].role = {role}: {why}")]
     RoleMix {
@@ -295,7 +302,9 @@ impl Topology {
             }
             _ => {}
         }
-        if self.rebuild && !has_w {
+        // RAID6 parity resync: every member RWL, `rebuild` set (see [`Phase::Resync`]).
+        let resync = self.layout.is_raid6() && self.members.iter().all(|m| m.role == Role::Rwl);
+        if self.rebuild && !has_w && !resync {
             return Err(TopologyError::RebuildFlag);
         }
         if has_w && has_wl {
@@ -385,6 +394,8 @@ impl Topology {
             }
         } else if self.count(Role::Dead) > 0 {
             Phase::Degraded
+        } else if self.rebuild {
+            Phase::Resync
         } else {
             Phase::Normal
         }

@@ -172,6 +172,7 @@ impl From<Phase> for PhaseKind {
             Phase::RebuildInit => PhaseKind::RebuildInit,
             Phase::Rebuilding => PhaseKind::Rebuilding,
             Phase::DualLock => PhaseKind::DualLock,
+            Phase::Resync => PhaseKind::Resync,
             Phase::Failed => PhaseKind::Failed,
         }
     }

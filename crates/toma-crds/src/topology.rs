@@ -50,6 +50,8 @@ pub enum PhaseKind {
     RebuildInit,
     Rebuilding,
     DualLock,
+    // RAID6 after a restart from Failed: P and Q of every stripe are re-encoded.
+    Resync,
     Failed,
 }
 
@@ -119,8 +121,8 @@ pub struct TopologyMember {
 #[x_kube(validation = Rule::new("self.lockMode == 'DualLock' ? self.members.exists(m, m.role == 'WL') : !self.members.exists(m, m.role == 'WL')")
     .message("lockMode: DualLock exactly when a member is WL")
     .field_path(".lockMode"))]
-#[x_kube(validation = Rule::new("!self.rebuild || self.members.exists(m, m.role == 'W')")
-    .message("rebuild: true needs a W member")
+#[x_kube(validation = Rule::new("!self.rebuild || self.members.exists(m, m.role == 'W') || (self.layout == 'raid6' && self.members.all(m, m.role == 'RWL'))")
+    .message("rebuild: true needs a W member (or, for a raid6 parity resync, every member RWL)")
     .field_path(".rebuild"))]
 #[x_kube(validation = Rule::new("self.volume == oldSelf.volume && self.volumeId == oldSelf.volumeId && self.layout == oldSelf.layout && self.chunkSize == oldSelf.chunkSize")
     .message("volume, volumeId, layout and chunkSize are immutable"))]
@@ -161,7 +163,8 @@ pub struct TomaTopologySpec {
     #[schemars(length(min = 2, max = 10))]
     pub members: Vec<TopologyMember>,
     pub lock_mode: LockModeKind,
-    /// A rebuild cycle runs (Rebuilding).
+    /// A rebuild cycle runs (Rebuilding), or, for raid6 with every member RWL, a parity
+    /// resync (Resync).
     #[serde(default)]
     pub rebuild: bool,
     /// The epoch (Lease `leaseTransitions`) of the leader that last wrote this spec.

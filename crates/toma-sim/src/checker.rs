@@ -225,7 +225,11 @@ impl Checker {
     /// Logs `what` when `b` is the block `TOMA_SIM_TRACE_BLOCK` names (a debugging aid for
     /// replaying a seed: the history of the block a violation is about).
     fn trace(&self, b: u64, what: impl FnOnce() -> String) {
-        if std::env::var("TOMA_SIM_TRACE_BLOCK").ok().and_then(|v| v.parse().ok()) == Some(b) {
+        if std::env::var("TOMA_SIM_TRACE_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            == Some(b)
+        {
             self.log(format!("block {b}: {}", what()));
         }
     }

@@ -341,6 +341,29 @@ async fn handle(
             ),
         );
     }
+    if frame.generation < g
+        && t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
+        && matches!(
+            frame.msg,
+            Message::Read { .. }
+                | Message::ReadTestLock { .. }
+                | Message::Write { .. }
+                | Message::Lock { .. }
+                | Message::GetLocks { .. }
+        )
+    {
+        // Generation g declared this member DEAD, and its writers no longer write it: a
+        // client still on g − 1 must not read it (it may miss their writes — the member
+        // may have been reported unreachable while it was alive) nor lock or write here.
+        return err(
+            ErrorCode::StaleGeneration,
+            format!(
+                "member {} of volume {} is DEAD in generation {g}: switch to it",
+                m.idx(),
+                m.name
+            ),
+        );
+    }
     if m.disk.lost_writes(m.volume, m.idx())
         && !matches!(
             frame.msg,

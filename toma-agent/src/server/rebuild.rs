@@ -2,6 +2,9 @@
 //! Rebuilding: merge the dirty bitmaps about the W members from every holder, copy held
 //! locks RAM → RAM, then copy every dirty chunk disk → disk under its lock (through this
 //! agent's own client) and clear its bits. Progress goes to the control plane.
+//!
+//! A RAID6 parity resync (`Phase::Resync`) is the same kind of cycle over every stripe: under
+//! its lock, read the data chunks, re-encode P and Q and write them to their members.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use super::AgentInner;
 /// it has not run (or is not running) yet.
 pub(super) fn maybe_start(agent: Arc<AgentInner>, m: Arc<Member>) {
     let t = m.topology();
-    if t.phase() != Phase::Rebuilding {
+    if !matches!(t.phase(), Phase::Rebuilding | Phase::Resync) {
         return;
     }
     let me = m.idx();
@@ -67,6 +70,9 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
     let rt = m.runtime();
     // Every unit the RAM state covers (the member's extent; at least the volume's size).
     let units = rt.dirty.units();
+    if t.phase() == Phase::Resync {
+        return resync(agent, m, &local, units.min(m.spec().units())).await;
+    }
 
     // Merge the other holders' bitmaps into ours.
     for &h in holders.iter().filter(|&&h| h != me) {
@@ -183,5 +189,65 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
     }
     publish(done, bytes, true);
     info!(volume = %m.name, generation = g, chunks = done, bytes, "rebuild cycle finished");
+    Ok(())
+}
+
+/// The RAID6 parity resync: every stripe, under its lock, gets P and Q re-encoded from its
+/// data chunks (every member is readable, so nothing is reconstructed).
+async fn resync(
+    agent: &Arc<AgentInner>,
+    m: &Arc<Member>,
+    local: &toma_client::VolumeClient,
+    units: u64,
+) -> Result<(), String> {
+    let t = m.topology();
+    let g = t.generation;
+    let me = m.idx();
+    info!(volume = %m.name, generation = g, stripes = units, "parity resync starts");
+    let started = agent.now();
+    let mut last_report = started;
+    let mut bytes = 0u64;
+    let publish = |done: u64, bytes: u64, finished: bool| {
+        let elapsed = agent.now().saturating_sub(started).as_secs_f64().max(1e-3);
+        *m.rebuild.lock() = Some(RebuildProgress {
+            generation: g,
+            done_units: done,
+            total_units: units,
+            bytes_copied: bytes,
+            bytes_per_sec: (bytes as f64 / elapsed) as u64,
+            finished,
+        });
+        agent.poke();
+    };
+    publish(0, 0, false);
+    for stripe in 0..units {
+        let (p, q) = toma_core::placement::raid6_parity_members(&t, stripe);
+        let mut tries = 0;
+        loop {
+            if m.topology().generation != g {
+                return Err("the topology changed during the parity resync".into());
+            }
+            match local.copy_unit(&t, stripe, me, &[p, q], None, true).await {
+                Ok(n) => {
+                    bytes += 2 * n;
+                    break;
+                }
+                Err(e) => {
+                    tries += 1;
+                    if tries >= 20 {
+                        return Err(format!("stripe {stripe}: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let now = agent.now();
+        if now.saturating_sub(last_report) >= Duration::from_millis(200) {
+            last_report = now;
+            publish(stripe + 1, bytes, false);
+        }
+    }
+    publish(units, bytes, true);
+    info!(volume = %m.name, generation = g, stripes = units, bytes, "parity resync finished");
     Ok(())
 }
