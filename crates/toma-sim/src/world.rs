@@ -721,7 +721,20 @@ impl World {
         self.net.heal_all();
         self.net.set_params(self.calm);
         for d in 0..self.disks.len() {
-            if self.disks[d].node().is_none() {
+            // The operator's part: a disk unplugged goes back home, and so does one moved to
+            // a node that holds another disk too (two members of a volume cannot be served
+            // from one node; left there, the volume could not get back to Normal).
+            let piled = self.disks[d].node().is_some_and(|n| {
+                n != d && self.disks.iter().filter(|o| o.node() == Some(n)).count() > 1
+            });
+            if piled {
+                if let Some(n) = self.disks[d].node() {
+                    self.ck
+                        .log(format!("heal: disk{d} moved back from n{n} to n{d}"));
+                    self.crash_agent(n);
+                }
+            }
+            if self.disks[d].node().is_none() || piled {
                 *self.disks[d].at.lock() = Some(d);
                 self.crash_agent(d);
             }

@@ -341,8 +341,7 @@ async fn handle(
             ),
         );
     }
-    if frame.generation < g
-        && t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
+    if t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
         && matches!(
             frame.msg,
             Message::Read { .. }
@@ -352,6 +351,20 @@ async fn handle(
                 | Message::GetLocks { .. }
         )
     {
+        if frame.generation == g {
+            // A client on g never addresses a member g declares DEAD: it means another
+            // member, one that this node no longer serves (its disk moved away, and this
+            // node serves the volume's member whose disk is still here). Serving it from this
+            // member's extent would answer with another member's bytes.
+            return err(
+                ErrorCode::UnknownVolume,
+                format!(
+                    "this node serves member {} of volume {}, DEAD in generation {g}, not the member you address: its disk is no longer here",
+                    m.idx(),
+                    m.name
+                ),
+            );
+        }
         // Generation g declared this member DEAD, and its writers no longer write it: a
         // client still on g − 1 must not read it (it may miss their writes — the member
         // may have been reported unreachable while it was alive) nor lock or write here.
@@ -421,15 +434,6 @@ async fn handle(
             }
         }
         Message::Write { offset, data } => {
-            // Extra guard (the protocol must not need it): a client on the newest
-            // generation never writes a member that generation declares DEAD.
-            if frame.generation == g && t.members.get(m.idx()).is_some_and(|x| x.role == Role::Dead)
-            {
-                return err(
-                    ErrorCode::Invalid,
-                    format!("this member is DEAD in generation {g}"),
-                );
-            }
             if !aligned(*offset, data.len()) {
                 return err(
                     ErrorCode::OutOfRange,

@@ -341,6 +341,7 @@ impl AgentInner {
             }
         };
         let mut seen = Vec::new();
+        self.free_replaced_extents(&vols).await;
         for v in vols {
             let rec = v.value;
             let t = &rec.topology;
@@ -406,6 +407,46 @@ impl AgentInner {
             let (vol, idx) = (m.volume, m.idx());
             let d = disk.clone();
             let _ = disk_io(&d, move || disk.free_extent(vol, idx)).await;
+        }
+    }
+
+    /// Frees the extents on this node's disks of members that the volume's topology now
+    /// places on another disk (the leader replaced them with a NEW disk, maybe while this
+    /// agent was down or the disk was elsewhere): their data is no longer needed, and the
+    /// space they hold may be the only room left for a replacement. Only a topology that
+    /// names another disk for that member frees one; a volume missing from the list frees
+    /// nothing here.
+    async fn free_replaced_extents(
+        self: &Arc<Self>,
+        vols: &[toma_control::Versioned<toma_control::VolumeRecord>],
+    ) {
+        for disk in &self.disks {
+            for e in disk.extents() {
+                let Some(rec) = vols.iter().map(|v| &v.value).find(|r| r.id == e.volume) else {
+                    continue;
+                };
+                let t = &rec.topology;
+                let replaced = t
+                    .members
+                    .get(e.member)
+                    .is_some_and(|m| m.disk != disk.id() && e.generation < t.generation);
+                if !replaced {
+                    continue;
+                }
+                info!(volume = %rec.name, member = e.member, disk = %disk.name(), generation = t.generation, "this member was replaced by another disk; freeing its extent here");
+                if let Some(m) = self.member(rec.id) {
+                    if m.idx() == e.member && m.disk.id() == disk.id() {
+                        self.members.lock().remove(&rec.id);
+                        m.disconnect_clients();
+                        self.local.lock().await.remove(&rec.id);
+                    }
+                }
+                let (d, vol, idx) = (disk.clone(), e.volume, e.member);
+                let dd = d.clone();
+                if let Err(err) = disk_io(&dd, move || d.free_extent(vol, idx)).await {
+                    warn!(volume = %rec.name, member = idx, error = %err, "cannot free the extent of a replaced member");
+                }
+            }
         }
     }
 
