@@ -98,6 +98,7 @@ impl ControllerService {
     fn volume_of(&self, rec: &VolumeRecord, fs_type: Option<&str>) -> v1::Volume {
         let mut ctx = HashMap::from([
             ("raid".to_string(), rec.spec.layout.to_string()),
+            ("chunkSize".to_string(), rec.spec.chunk_size.to_string()),
             ("name".to_string(), rec.name.clone()),
         ]);
         if let Some(f) = fs_type {

@@ -133,25 +133,79 @@ pub fn fs_type(dev: &Path) -> Result<Option<String>, String> {
     }
 }
 
+/// A RAID6 volume's geometry, for the file system to align its writes to whole stripes:
+/// `chunk` bytes per data chunk, `data` data chunks per stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stripe {
+    pub chunk: u64,
+    pub data: u64,
+}
+
+impl Stripe {
+    /// From a volume context: `raid` = `raid6-K+2` and `chunkSize` (bytes). `None` for RAID1,
+    /// or a context without them (a volume made before they were recorded).
+    pub fn from_context(raid: Option<&str>, chunk: Option<&str>) -> Option<Stripe> {
+        let data = raid?
+            .strip_prefix("raid6-")?
+            .strip_suffix("+2")?
+            .parse()
+            .ok()?;
+        let chunk: u64 = chunk?.parse().ok()?;
+        (chunk >= 4096 && chunk.is_power_of_two() && data >= 2).then_some(Stripe { chunk, data })
+    }
+}
+
+/// The mkfs arguments (before the device) for `fs` on a volume with geometry `stripe`.
+pub fn mkfs_args(fs: &str, stripe: Option<Stripe>) -> Result<(&'static str, Vec<String>), String> {
+    match fs {
+        "ext4" => {
+            let mut ext = "nodiscard,lazy_itable_init=1,lazy_journal_init=1".to_string();
+            let mut args = vec!["-F".to_string(), "-q".to_string()];
+            if let Some(s) = stripe {
+                // In 4 KiB file-system blocks: a chunk (stride) and a stripe's data (width).
+                let stride = s.chunk / 4096;
+                ext.push_str(&format!(
+                    ",stride={stride},stripe_width={}",
+                    stride * s.data
+                ));
+                args.extend(["-b".to_string(), "4096".to_string()]);
+            }
+            args.extend(["-E".to_string(), ext]);
+            Ok(("mkfs.ext4", args))
+        }
+        "xfs" => {
+            let mut args = vec!["-f".to_string(), "-q".to_string(), "-K".to_string()];
+            if let Some(s) = stripe {
+                args.extend(["-d".to_string(), format!("su={},sw={}", s.chunk, s.data)]);
+            }
+            Ok(("mkfs.xfs", args))
+        }
+        other => Err(format!("mkfs: unsupported fs type {other:?}")),
+    }
+}
+
 /// Makes a file system of type `fs` (ext4 or xfs) on `dev`, without discarding. Inode
 /// tables and the journal are written in full: a new volume's blocks are not zeroed (they
-/// may hold an earlier volume's bytes), so nothing may rely on them reading as zeros.
-pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
-    let d = dev.to_string_lossy();
-    match fs {
-        "ext4" => run(
-            "mkfs.ext4",
-            &[
-                "-F",
-                "-q",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-                &d,
-            ],
-        )
-        .map(|_| ()),
-        "xfs" => run("mkfs.xfs", &["-f", "-q", "-K", &d]).map(|_| ()),
-        other => Err(format!("mkfs: unsupported fs type {other:?}")),
+/// may hold an earlier volume's bytes), so nothing may rely on them reading as zeros. On a
+/// RAID6 volume the file system is told the stripe geometry (ext4 `stride`/`stripe_width`,
+/// xfs `su`/`sw`), so that it lays out and writes whole stripes where it can.
+///
+/// Some mkfs versions refuse the geometry on small devices (mkfs.xfs 6.x: "Log size must be
+/// at least 64MB" below about 1 GiB): then the file system is made without it, and a warning
+/// says so — the hints are an optimisation, the volume is usable either way.
+pub fn mkfs(fs: &str, dev: &Path, stripe: Option<Stripe>) -> Result<(), String> {
+    let make = |stripe: Option<Stripe>| {
+        let (cmd, mut args) = mkfs_args(fs, stripe)?;
+        args.push(dev.to_string_lossy().into_owned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(cmd, &refs).map(|_| ())
+    };
+    match make(stripe) {
+        Err(e) if stripe.is_some() => {
+            tracing::warn!(device = %dev.display(), fs, error = %e.lines().next().unwrap_or_default(), "mkfs refused the RAID6 stripe geometry; making the file system without it");
+            make(None)
+        }
+        other => other,
     }
 }
 
@@ -267,6 +321,61 @@ pub fn block_size_of(dev: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stripe_geometry_comes_from_the_volume_context() {
+        assert_eq!(
+            Stripe::from_context(Some("raid6-4+2"), Some("65536")),
+            Some(Stripe {
+                chunk: 65536,
+                data: 4
+            })
+        );
+        assert_eq!(Stripe::from_context(Some("raid1x2"), Some("65536")), None);
+        assert_eq!(Stripe::from_context(Some("raid6-4+2"), None), None);
+        assert_eq!(Stripe::from_context(Some("raid6-x+2"), Some("65536")), None);
+        assert_eq!(Stripe::from_context(Some("raid6-4+2"), Some("1000")), None);
+    }
+
+    /// The real mkfs accepts the geometry, and the file system records it (ext4's
+    /// `RAID stride` / `RAID stripe width`, xfs's `sunit` / `swidth`).
+    #[test]
+    fn mkfs_records_the_raid6_stripe_geometry() {
+        let dir = std::env::temp_dir().join(format!("toma-mkfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stripe = Some(Stripe {
+            chunk: 65536,
+            data: 4,
+        });
+        for fs in ["ext4", "xfs"] {
+            let img = dir.join(format!("{fs}.img"));
+            let f = std::fs::File::create(&img).unwrap();
+            f.set_len(1 << 30).unwrap();
+            drop(f);
+            mkfs(fs, &img, stripe).unwrap();
+            let i = img.to_string_lossy().into_owned();
+            let info = if fs == "ext4" {
+                run("dumpe2fs", &["-h", &i]).unwrap()
+            } else {
+                run("xfs_db", &["-r", "-c", "sb 0", "-c", "p unit width", &i]).unwrap()
+            };
+            if fs == "ext4" {
+                assert!(info.contains("RAID stride:              16"), "{info}");
+                assert!(info.contains("RAID stripe width:        64"), "{info}");
+            } else {
+                assert!(info.contains("unit = 16"), "{info}");
+                assert!(info.contains("width = 64"), "{info}");
+            }
+        }
+        // Too small for mkfs.xfs with the geometry: made without it, not refused.
+        let img = dir.join("small.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(512 << 20).unwrap();
+        drop(f);
+        mkfs("xfs", &img, stripe).unwrap();
+        assert_eq!(fs_type(&img).unwrap().as_deref(), Some("xfs"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn mountinfo_lines_parse_with_escapes() {

@@ -359,7 +359,11 @@ impl NodeService {
         if let Some(fs) = fs.clone() {
             match formatted {
                 None => {
-                    mounts::mkfs(&fs, &dev).map_err(undo)?;
+                    let stripe = mounts::Stripe::from_context(
+                        ctx.get("raid").map(String::as_str),
+                        ctx.get("chunkSize").map(String::as_str),
+                    );
+                    mounts::mkfs(&fs, &dev, stripe).map_err(undo)?;
                     made = Some(fs.clone());
                 }
                 Some(f) if f == fs => {
