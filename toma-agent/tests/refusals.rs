@@ -1,11 +1,12 @@
 //! What a TOMA refuses, and that a refused request changes no byte on any disk: a wrong
 //! secret, an unknown volume, a generation older than g−1, I/O outside the member's extent
-//! or not aligned.
+//! or not aligned, I/O to a member declared DEAD while its agent still runs.
 
 mod common;
 
 use common::*;
-use toma_core::{Phase, VolumeId};
+use toma_agent::local::LocalTimers;
+use toma_core::{Phase, Role, VolumeId};
 use toma_wire::{ErrorCode, Message, Secret};
 
 const UNITS: u64 = 16;
@@ -209,5 +210,98 @@ async fn io_outside_the_extent_or_misaligned_is_out_of_range_and_changes_nothing
         .unwrap()
         .iter()
         .all(|d| d.healthy));
+    c.shutdown().await;
+}
+
+/// A member a client reported unreachable is declared DEAD while its agent still runs (other
+/// clients may still reach it). Its agent then serves nothing of the volume: I/O of the
+/// generation before is `StaleGeneration` (its writers no longer write this member, so a
+/// reader there could see stale data), and I/O of the current one is `UnknownVolume` (a
+/// client on it addresses another member, whose disk is no longer on this node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_declared_dead_while_its_agent_runs_serves_nothing() {
+    // Long enough that the leader does not readmit the member during the test.
+    let timers = LocalTimers {
+        readmit_after: std::time::Duration::from_secs(600),
+        ..LocalTimers::default()
+    };
+    let (_dir, c) = cluster_with(2, timers).await;
+    let id = written_volume(&c).await;
+    let g1 = c.topology(id).await.expect("topology").generation;
+    let (n0, n1) = (node_of(&c, id, 0).await, node_of(&c, id, 1).await);
+    let reporter = Raw::register(&c, n0, id, random_u128()).await;
+    assert_eq!(
+        reporter
+            .call_gen(g1, Message::ReportUnreachable { member: 1 })
+            .await,
+        Message::Ok
+    );
+    let t = c
+        .wait_topology(id, WAIT, |t| t.members[1].role == Role::Dead)
+        .await
+        .unwrap();
+    let g = t.generation;
+    assert_eq!(t.phase(), Phase::Degraded);
+    wait_until("member 1's TOMA knows g", WAIT, || async {
+        c.agent(n1)
+            .unwrap()
+            .members()
+            .iter()
+            .any(|m| m.volume == id && m.topology().generation == g)
+    })
+    .await;
+    let before = c.member_contents(id).await;
+    let raw = Raw::register(&c, n1, id, random_u128()).await;
+    let read = Message::Read {
+        offset: 0,
+        len: CHUNK as u32,
+    };
+    let why = expect_error(
+        &raw.call_gen(g - 1, read.clone()).await,
+        ErrorCode::StaleGeneration,
+    );
+    assert!(why.contains("DEAD"), "{why}");
+    let why = expect_error(&raw.call_gen(g, read).await, ErrorCode::UnknownVolume);
+    assert!(why.contains("DEAD"), "{why}");
+    for gen in [g - 1, g] {
+        let w = Message::Write {
+            offset: 0,
+            data: block(0, 90 + gen),
+        };
+        let r = raw.call_gen(gen, w).await;
+        assert!(
+            matches!(
+                r,
+                Message::Error {
+                    code: ErrorCode::StaleGeneration | ErrorCode::UnknownVolume,
+                    ..
+                }
+            ),
+            "WRITE at {gen} answered {r:?}"
+        );
+        let r = raw.call_gen(gen, Message::Lock { unit: 0 }).await;
+        assert!(
+            matches!(r, Message::Error { .. }),
+            "LOCK at {gen} answered {r:?}"
+        );
+    }
+    assert_eq!(c.member_contents(id).await, before, "no byte changed");
+    for m in c.agent(n1).unwrap().members() {
+        assert!(m.runtime().locks.locks().is_empty(), "no lock taken");
+    }
+    // The live member still serves the current generation.
+    match reporter
+        .call_gen(
+            g,
+            Message::Read {
+                offset: 0,
+                len: CHUNK as u32,
+            },
+        )
+        .await
+    {
+        Message::Data { data } => assert_eq!(data, block(0, 1)),
+        other => panic!("READ at g from member 0 answered {other:?}"),
+    }
     c.shutdown().await;
 }
