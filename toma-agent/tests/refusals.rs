@@ -11,6 +11,18 @@ use toma_wire::{ErrorCode, Message, Secret};
 
 const UNITS: u64 = 16;
 
+/// Chunk 0 of the member `raw` is registered with, read under `generation`.
+async fn read_chunk0(raw: &Raw, generation: u64) -> bytes::Bytes {
+    let read = Message::Read {
+        offset: 0,
+        len: CHUNK as u32,
+    };
+    match raw.call_gen(generation, read).await {
+        Message::Data { data } => data,
+        other => panic!("READ at generation {generation} answered {other:?}"),
+    }
+}
+
 async fn written_volume(c: &toma_agent::local::LocalCluster) -> VolumeId {
     let id = volume(c, 2, UNITS).await;
     let cl = client(c, id).await;
@@ -148,19 +160,7 @@ async fn generations_older_than_g_minus_1_are_refused_and_nothing_is_written() {
     }
 
     // g − 1 is still served.
-    match raw
-        .call_gen(
-            g - 1,
-            Message::Read {
-                offset: 0,
-                len: CHUNK as u32,
-            },
-        )
-        .await
-    {
-        Message::Data { data } => assert_eq!(data, block(0, 2)),
-        other => panic!("READ at g−1 answered {other:?}"),
-    }
+    assert_eq!(read_chunk0(&raw, g - 1).await, block(0, 2));
     c.shutdown().await;
 }
 
@@ -290,18 +290,6 @@ async fn a_member_declared_dead_while_its_agent_runs_serves_nothing() {
         assert!(m.runtime().locks.locks().is_empty(), "no lock taken");
     }
     // The live member still serves the current generation.
-    match reporter
-        .call_gen(
-            g,
-            Message::Read {
-                offset: 0,
-                len: CHUNK as u32,
-            },
-        )
-        .await
-    {
-        Message::Data { data } => assert_eq!(data, block(0, 1)),
-        other => panic!("READ at g from member 0 answered {other:?}"),
-    }
+    assert_eq!(read_chunk0(&reporter, g).await, block(0, 1));
     c.shutdown().await;
 }

@@ -77,6 +77,8 @@ pub struct Checker {
     /// Running agents by storage node (the world keeps it current).
     pub agents: Mutex<Vec<Option<Arc<AgentHandle>>>>,
     pub verbose: bool,
+    /// The block whose history is logged (`TOMA_SIM_TRACE_BLOCK`), read once.
+    trace_block: Option<u64>,
 }
 
 fn is_io(kind: Kind) -> bool {
@@ -106,6 +108,9 @@ impl Checker {
             units: Mutex::new(0),
             agents: Mutex::new(vec![None; storage_nodes]),
             verbose,
+            trace_block: std::env::var("TOMA_SIM_TRACE_BLOCK")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -225,11 +230,7 @@ impl Checker {
     /// Logs `what` when `b` is the block `TOMA_SIM_TRACE_BLOCK` names (a debugging aid for
     /// replaying a seed: the history of the block a violation is about).
     fn trace(&self, b: u64, what: impl FnOnce() -> String) {
-        if std::env::var("TOMA_SIM_TRACE_BLOCK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            == Some(b)
-        {
+        if self.trace_block == Some(b) {
             self.log(format!("block {b}: {}", what()));
         }
     }

@@ -105,17 +105,12 @@ fn seeds_that_found_fixed_bugs_pass() {
     //     a member kept its clients' connections on the retired object (stuck generation).
     //     115: a client whose member moved nodes, with no registered TOMA left to tell it,
     //     retried reads on the old node for ever.
-    for seed in [
-        103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14,
-    ] {
-        let r = run(seed, &opts);
-        assert!(
-            r.violation.is_none(),
-            "seed {seed}: {:?}; replay: {}",
-            r.violation,
-            replay_command(seed, &opts)
-        );
-    }
+    each_passes(
+        &[
+            103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14,
+        ],
+        &opts,
+    );
 }
 
 /// Seeds 0..500 pass (`toma sim --seeds 500`), in `make test`. Override the count with
@@ -192,13 +187,18 @@ fn raid6_seeds_that_found_fixed_bugs_pass() {
         raid6: true,
         ..Options::default()
     };
-    for seed in [7, 241, 134, 58, 155, 160] {
-        let r = run(seed, &opts);
+    each_passes(&[7, 241, 134, 58, 155, 160], &opts);
+}
+
+/// Every seed of `seeds` runs without a violation (the failing one names its replay).
+fn each_passes(seeds: &[u64], opts: &Options) {
+    for &seed in seeds {
+        let r = run(seed, opts);
         assert!(
             r.violation.is_none(),
             "seed {seed}: {:?}; replay: {}",
             r.violation,
-            replay_command(seed, &opts)
+            replay_command(seed, opts)
         );
     }
 }

@@ -379,9 +379,7 @@ impl AgentInner {
                     // Another member of this volume is now the one placed here: stop serving
                     // the old one (its extent stays on its disk) and serve the new one.
                     info!(volume = %rec.name, from = m.idx(), to = idx, "serving another member of the volume");
-                    self.members.lock().remove(&rec.id);
-                    m.disconnect_clients();
-                    self.local.lock().await.remove(&rec.id);
+                    self.stop_serving(&m).await;
                     self.host(&rec, idx, disk).await;
                 }
                 None => self.host(&rec, idx, disk).await,
@@ -400,13 +398,8 @@ impl AgentInner {
             .collect();
         for m in gone {
             info!(volume = %m.name, "the volume has no member on this node any more (deleted, or replaced); freeing its extent");
-            self.members.lock().remove(&m.volume);
-            m.disconnect_clients();
-            self.local.lock().await.remove(&m.volume);
-            let disk = m.disk.clone();
-            let (vol, idx) = (m.volume, m.idx());
-            let d = disk.clone();
-            let _ = disk_io(&d, move || disk.free_extent(vol, idx)).await;
+            self.stop_serving(&m).await;
+            let _ = free_extent(&m.disk, m.volume, m.idx()).await;
         }
     }
 
@@ -436,18 +429,22 @@ impl AgentInner {
                 info!(volume = %rec.name, member = e.member, disk = %disk.name(), generation = t.generation, "this member was replaced by another disk; freeing its extent here");
                 if let Some(m) = self.member(rec.id) {
                     if m.idx() == e.member && m.disk.id() == disk.id() {
-                        self.members.lock().remove(&rec.id);
-                        m.disconnect_clients();
-                        self.local.lock().await.remove(&rec.id);
+                        self.stop_serving(&m).await;
                     }
                 }
-                let (d, vol, idx) = (disk.clone(), e.volume, e.member);
-                let dd = d.clone();
-                if let Err(err) = disk_io(&dd, move || d.free_extent(vol, idx)).await {
-                    warn!(volume = %rec.name, member = idx, error = %err, "cannot free the extent of a replaced member");
+                if let Err(err) = free_extent(disk, e.volume, e.member).await {
+                    warn!(volume = %rec.name, member = e.member, error = %err, "cannot free the extent of a replaced member");
                 }
             }
         }
+    }
+
+    /// Stops serving member `m`: forgets it, closes its clients' connections and drops the
+    /// volume's local client. Its extent stays on its disk.
+    async fn stop_serving(&self, m: &Arc<Member>) {
+        self.members.lock().remove(&m.volume);
+        m.disconnect_clients();
+        self.local.lock().await.remove(&m.volume);
     }
 
     /// Starts hosting `rec`'s member `idx` on `disk`.
@@ -705,6 +702,16 @@ impl AgentInner {
             }
             rebuild::maybe_start(self.clone(), m.clone());
         }
+    }
+}
+
+/// Removes `volume`'s member `idx` from `disk` (persisted), off the async threads.
+async fn free_extent(disk: &Arc<Disk>, volume: VolumeId, idx: usize) -> Result<(), String> {
+    let d = disk.clone();
+    match disk_io(disk, move || d.free_extent(volume, idx)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

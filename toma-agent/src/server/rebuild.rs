@@ -71,7 +71,15 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
     // Every unit the RAM state covers (the member's extent; at least the volume's size).
     let units = rt.dirty.units();
     if t.phase() == Phase::Resync {
-        return resync(agent, m, &local, units.min(m.spec().units())).await;
+        // Every stripe gets P and Q re-encoded from its data chunks (every member is
+        // readable, so nothing is reconstructed).
+        let stripes = units.min(m.spec().units());
+        info!(volume = %m.name, generation = g, stripes, "parity resync starts");
+        let work = (0..stripes).map(|s| {
+            let (p, q) = toma_core::placement::raid6_parity_members(&t, s);
+            (s, vec![p, q])
+        });
+        return copy_units(agent, m, &local, stripes, work, None).await;
     }
 
     // Merge the other holders' bitmaps into ours.
@@ -140,6 +148,24 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
         holders: holders.clone(),
         targets: targets.clone(),
     };
+    let work = dirty.into_iter().map(|u| (u, targets.clone()));
+    copy_units(agent, m, &local, total, work, Some(&marks)).await
+}
+
+/// Copies each `(unit, targets)` of `work` under the unit's locks through the agent's own
+/// client (clearing the bits in `clear`), publishing progress as it goes; `total` units.
+/// Stops when the topology changes.
+async fn copy_units(
+    agent: &Arc<AgentInner>,
+    m: &Arc<Member>,
+    local: &toma_client::VolumeClient,
+    total: u64,
+    work: impl Iterator<Item = (u64, Vec<usize>)>,
+    clear: Option<&DirtyMarks>,
+) -> Result<(), String> {
+    let t = m.topology();
+    let g = t.generation;
+    let me = m.idx();
     let started = agent.now();
     let mut last_report = started;
     let mut done = 0u64;
@@ -157,16 +183,13 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
         agent.poke();
     };
     publish(0, 0, false);
-    for unit in dirty {
+    for (unit, targets) in work {
         if m.topology().generation != g {
             return Err("the topology changed during the rebuild".into());
         }
         let mut tries = 0;
         loop {
-            match local
-                .copy_unit(&t, unit, me, &targets, Some(&marks), true)
-                .await
-            {
+            match local.copy_unit(&t, unit, me, &targets, clear, true).await {
                 Ok(n) => {
                     bytes += n * targets.len() as u64;
                     break;
@@ -176,6 +199,7 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
                     if tries >= 20 || m.topology().generation != g {
                         return Err(format!("chunk {unit}: {e}"));
                     }
+                    // The product's own pacing between attempts of one copy.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -189,65 +213,5 @@ async fn run(agent: &Arc<AgentInner>, m: &Arc<Member>) -> Result<(), String> {
     }
     publish(done, bytes, true);
     info!(volume = %m.name, generation = g, chunks = done, bytes, "rebuild cycle finished");
-    Ok(())
-}
-
-/// The RAID6 parity resync: every stripe, under its lock, gets P and Q re-encoded from its
-/// data chunks (every member is readable, so nothing is reconstructed).
-async fn resync(
-    agent: &Arc<AgentInner>,
-    m: &Arc<Member>,
-    local: &toma_client::VolumeClient,
-    units: u64,
-) -> Result<(), String> {
-    let t = m.topology();
-    let g = t.generation;
-    let me = m.idx();
-    info!(volume = %m.name, generation = g, stripes = units, "parity resync starts");
-    let started = agent.now();
-    let mut last_report = started;
-    let mut bytes = 0u64;
-    let publish = |done: u64, bytes: u64, finished: bool| {
-        let elapsed = agent.now().saturating_sub(started).as_secs_f64().max(1e-3);
-        *m.rebuild.lock() = Some(RebuildProgress {
-            generation: g,
-            done_units: done,
-            total_units: units,
-            bytes_copied: bytes,
-            bytes_per_sec: (bytes as f64 / elapsed) as u64,
-            finished,
-        });
-        agent.poke();
-    };
-    publish(0, 0, false);
-    for stripe in 0..units {
-        let (p, q) = toma_core::placement::raid6_parity_members(&t, stripe);
-        let mut tries = 0;
-        loop {
-            if m.topology().generation != g {
-                return Err("the topology changed during the parity resync".into());
-            }
-            match local.copy_unit(&t, stripe, me, &[p, q], None, true).await {
-                Ok(n) => {
-                    bytes += 2 * n;
-                    break;
-                }
-                Err(e) => {
-                    tries += 1;
-                    if tries >= 20 {
-                        return Err(format!("stripe {stripe}: {e}"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        let now = agent.now();
-        if now.saturating_sub(last_report) >= Duration::from_millis(200) {
-            last_report = now;
-            publish(stripe + 1, bytes, false);
-        }
-    }
-    publish(units, bytes, true);
-    info!(volume = %m.name, generation = g, stripes = units, bytes, "parity resync finished");
     Ok(())
 }
