@@ -11,8 +11,10 @@
 //!   0). Data chunk 0 is written alone by read-modify-write (the untouched chunks are read,
 //!   directly or reconstructed from k RWL members, under the stripe's locks) or with the
 //!   whole stripe (which alone clears dirty bits). A read of chunk 0 or 1 reads the chunk's
-//!   member and then tests the lock on `locks(t, s)[0]`; a read that must reconstruct takes
-//!   the stripe's locks instead (see below). Up to two disks fail, at once or one after the
+//!   member with a plain READ and no lock test; a read that must reconstruct takes the
+//!   stripe's locks (see below). A writer redone under a newer generation while it kept
+//!   its locks writes the data vector it computed before, without reading the stripe again
+//!   (the client's `OldColumns`). Up to two disks fail, at once or one after the
 //!   other; both are rebuilt in one pass when both are W; the rebuilder ORs the dirty bits of
 //!   every live RWL member (each holds them all). A chunk is abstracted as write ids: a data
 //!   member holds its chunk's version, P and Q the versions of the k chunks they were computed
@@ -21,10 +23,21 @@
 //!   member match one data vector (so any k decode it) equal to the last acknowledged writes.
 //!   Reduction: one actor's concurrent requests land in member order.
 //!
-//! Sizes (release, 2 cores): RAID1 2.6 M states, ~40 s. RAID6 2+2 with one client and one
-//! failure (back or NEW disk) is exhaustive: 0.8 M states, ~20 s. With two clients and two
-//! failures the space does not fit: the run is bounded (`Config::max_states`, 10 M
-//! transitions, ~2.7 M states, ~40 s) and `Outcome::complete` says so.
+//! Sizes (release, 2 cores): RAID1 2.7 M states, ~20 s. RAID6 2+2 with one client and one
+//! failure (back or NEW disk) is exhaustive: 0.7 M states, ~6 s. One client and two
+//! failures (at once or one after the other, each back or a NEW disk) is exhaustive too, but
+//! takes 71 M states, ~14 min and ~10 GB (`toma check-model --raid raid6 --clients 1
+//! --max-states 0`); with two clients the space does not fit: the run is bounded
+//! (`Config::max_states`, 10 M transitions, ~2.7 M states, ~10 s) and `Outcome::complete`
+//! says so.
+//!
+//! Where the model was wrong about the code (found by the exhaustive one-client, two-failure
+//! run, each a counterexample the real agents and client cannot produce):
+//! - The rebuilder read its sources straight off the disks; a member whose TOMA declares it
+//!   DEAD in a newer generation (or whose disk was replaced) answers no read, as the agent
+//!   does. Client requests to such a member are refused the same way.
+//! - A writer redone under a newer generation read the stripe again; while it kept its locks
+//!   the client writes what it computed before (`OldColumns`), and so does the model now.
 //!
 //! Found for RAID6 by this model:
 //! - A read that reconstructs from several members cannot rely on a lock test after the

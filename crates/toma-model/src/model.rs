@@ -142,7 +142,8 @@ pub enum Req {
     /// READ_TEST_LOCK: answered while the chunk is not locked by someone else.
     Read(u8),
     /// A plain READ (no lock test): a RAID6 writer's read of the old stripe under its lock,
-    /// or the first part of a RAID6 read whose lock test goes to another member after it.
+    /// a RAID6 reader's reads under the stripe's locks, or a RAID6 read of a data chunk from
+    /// its data member (which needs no lock test).
     Get(u8),
 }
 
@@ -196,8 +197,6 @@ pub enum Stage {
     /// After the write was acknowledged: clear bits and unlock.
     Unlock,
     Read,
-    /// RAID6: the lock test on the stripe's lock member after the data was read.
-    Test,
     /// Failed topology: nothing to send until a newer one.
     Blocked,
 }
@@ -214,6 +213,10 @@ pub struct Op {
     pub got: u8,
     /// RAID6 writer: the stripe's new data versions (computed after ReadOld).
     pub vec: Cell,
+    /// RAID6 writer: `vec` was computed under locks it still holds. A redo under a newer
+    /// generation writes it again without reading the stripe (the client's `OldColumns`):
+    /// read again, the stripe can mix its own first attempt with the old data.
+    pub cached: bool,
     /// The generation the current stage was issued under.
     pub gen: Gen,
     pub stage: Stage,
@@ -844,12 +847,14 @@ impl TomaModel {
         op.todo = 0;
         match stage {
             Stage::Lock => {
-                // What an earlier pass read or computed is stale (kept out of the state).
-                if self.raid6 {
-                    op.vec = [0; K];
-                }
                 // One at a time, in the order toma-core gives.
                 let order = locks(t, u64::from(op.chunk));
+                // A lock taken (again) since `vec` was computed: another writer may have
+                // been in between, so what an earlier pass read is stale.
+                if self.raid6 && !order.iter().all(|&m| op.held & bit(m) != 0) {
+                    op.vec = [0; K];
+                    op.cached = false;
+                }
                 let next = order.iter().find(|&&m| op.held & bit(m) == 0);
                 if order.is_empty() {
                     op.stage = Stage::Blocked;
@@ -857,6 +862,8 @@ impl TomaModel {
                     op.todo = bit(m);
                 } else if op.kind == OpKind::Read {
                     self.enter_stage(s, op, Stage::Read, gen);
+                } else if op.cached {
+                    self.enter_stage(s, op, Stage::Write, gen);
                 } else {
                     self.enter_stage(s, op, Stage::ReadOld, gen);
                 }
@@ -925,10 +932,6 @@ impl TomaModel {
                     None => op.stage = Stage::Blocked,
                 }
             }
-            Stage::Test => match locks(t, u64::from(op.chunk)).first() {
-                Some(&m) => op.todo = bit(m),
-                None => op.stage = Stage::Blocked,
-            },
             Stage::Blocked => {}
         }
     }
@@ -947,15 +950,15 @@ impl TomaModel {
             };
         }
         op.vec = v;
+        op.cached = true;
     }
 
-    /// A read's data needs no separate lock test: it was read with READ_TEST_LOCK from the
-    /// unit's lock member (always for RAID1; for RAID6 when the chunk's own member is it).
-    fn read_was_tested(&self, t: &Topology, op: &Op) -> bool {
-        !self.raid6
-            || locks(t, u64::from(op.chunk))
-                .first()
-                .is_some_and(|&m| op.got == bit(m))
+    /// A read's data needs no lock test beyond the one it was read with: RAID1 reads with
+    /// READ_TEST_LOCK; a RAID6 chunk read directly from its data member (one copy, which
+    /// recovery and rebuild never change) needs none; a RAID6 read that reconstructs holds
+    /// the stripe's locks.
+    fn read_was_tested(&self, op: &Op) -> bool {
+        !self.raid6 || op.got.count_ones() == 1
     }
 
     fn request_for(&self, s: &State, op: &Op, member: usize) -> Req {
@@ -994,16 +997,9 @@ impl TomaModel {
                     clear,
                 }
             }
-            Stage::Read => {
-                // The lock member itself: READ_TEST_LOCK (read and test in one round trip).
-                let lockm = locks(t, u64::from(op.chunk)).first().copied();
-                if !self.raid6 || (op.todo | op.pending) == bit(member) && lockm == Some(member) {
-                    Req::Read(op.chunk)
-                } else {
-                    Req::Get(op.chunk)
-                }
-            }
-            Stage::Test | Stage::Blocked => Req::Read(op.chunk),
+            // RAID1: READ_TEST_LOCK; RAID6: plain READs (see `read_was_tested`).
+            Stage::Read if self.raid6 => Req::Get(op.chunk),
+            Stage::Read | Stage::Blocked => Req::Read(op.chunk),
         }
     }
 
@@ -1067,26 +1063,16 @@ impl TomaModel {
                     changed = true;
                 } else if complete
                     && op.stage == Stage::Read
-                    && (op.gen == cgen || self.read_was_tested(s.topo(op.gen), &op))
+                    && (op.gen == cgen || self.read_was_tested(&op))
                 {
-                    let t = s.topo(op.gen);
+                    self.finish_read(s, c, &op);
                     if op.held != 0 {
-                        // Read under the stripe's locks: return it, then unlock.
-                        self.finish_read(s, c, &op);
+                        // Read under the stripe's locks: unlock.
                         op.clear = 0;
                         self.enter_stage(s, &mut op, Stage::Unlock, cgen);
-                        changed = true;
-                    } else if self.read_was_tested(t, &op) {
-                        self.finish_read(s, c, &op);
-                        done = true;
-                        changed = true;
                     } else {
-                        self.enter_stage(s, &mut op, Stage::Test, cgen);
-                        changed = true;
+                        done = true;
                     }
-                } else if complete && op.stage == Stage::Test {
-                    self.finish_read(s, c, &op);
-                    done = true;
                     changed = true;
                 } else if op.pending == 0 && op.gen < cgen {
                     // Held or finished under an older generation: re-issue under the new one.
@@ -1116,7 +1102,6 @@ impl TomaModel {
                         | Stage::Write
                         | Stage::Unlock
                         | Stage::Read
-                        | Stage::Test
                         | Stage::Blocked => {}
                     }
                 }
@@ -1293,6 +1278,14 @@ impl TomaModel {
 
     // ---- TOMA logic ----
 
+    /// Whether member `m`'s TOMA answers a read of generation `gen` now (see
+    /// `toma_receive`): it is up, knows `gen`, is at most one generation ahead, and its
+    /// newest generation does not declare `m` DEAD.
+    fn serves_read(&self, s: &State, m: usize, gen: Gen) -> bool {
+        let t = &s.tomas[m];
+        t.up && gen <= t.gen && gen + 1 >= t.gen && !s.topo(t.gen).role(m).is_dead()
+    }
+
     /// Whether a request at the head of a TOMA's queue can be served now (a lock or read of
     /// a chunk locked by someone else waits; so does anything from a generation it has not
     /// learned yet).
@@ -1339,19 +1332,22 @@ impl TomaModel {
                 return;
             }
         }
+        if dead_here && !matches!(req, Req::Unlock { .. }) {
+            // A member its TOMA's newest generation declares DEAD serves nothing more: its
+            // agent answers StaleGeneration (g-1) or UnknownVolume (g), as does an agent whose
+            // disk was replaced by a NEW one. A client still on g-1 must not read its chunk.
+            if from != REBUILDER {
+                s.tomas[to].registered[usize::from(from)] = false;
+            }
+            self.respond(s, to, from, Resp::Rejected);
+            return;
+        }
         match req {
             Req::Lock(ch) => {
                 s.tomas[to].locks[usize::from(ch)] = Some(from);
                 self.respond(s, to, from, Resp::LockOk);
             }
             Req::Write { chunk, data, dirty } => {
-                if dead_here {
-                    if from != REBUILDER {
-                        s.tomas[to].registered[usize::from(from)] = false;
-                    }
-                    self.respond(s, to, from, Resp::Rejected);
-                    return;
-                }
                 if let Some(d) = data {
                     s.disks[to].data[usize::from(chunk)] = d;
                 }
@@ -1770,6 +1766,7 @@ impl Model for TomaModel {
                     cells: [[0; K]; MAX_MEMBERS],
                     got: 0,
                     vec: if self.raid6 { [0; K] } else { [id, 0, 0, 0] },
+                    cached: false,
                     gen: 0,
                     stage: Stage::Lock,
                     pending: 0,
@@ -1795,6 +1792,7 @@ impl Model for TomaModel {
                     cells: [[0; K]; MAX_MEMBERS],
                     got: 0,
                     vec: [0; K],
+                    cached: false,
                     gen: 0,
                     stage: Stage::Read,
                     pending: 0,
@@ -1884,6 +1882,13 @@ impl Model for TomaModel {
                     for j in 0..self.k() {
                         let set = self.raid6_read_set(topo, chunk, j)?;
                         for m in (0..self.n()).filter(|&m| set & bit(m) != 0) {
+                            // The rebuilder reads over the network like a client: a member
+                            // whose TOMA is down, has not learned `gen`, or declares it DEAD
+                            // in a newer generation answers no read (the rebuilder retries
+                            // or gives up when it learns the newer generation).
+                            if !self.serves_read(&s, m, gen) {
+                                return None;
+                            }
                             got |= bit(m);
                             cells[m] = s.disks[m].data[ch];
                         }
@@ -1895,6 +1900,9 @@ impl Model for TomaModel {
                     v
                 } else {
                     let src = read_member(topo, u64::from(chunk))?;
+                    if !self.serves_read(&s, src, gen) {
+                        return None;
+                    }
                     s.disks[src].data[ch]
                 };
                 let n = self.n();

@@ -101,6 +101,30 @@ fn raid6_one_client_one_failure_passes_exhaustively() {
     assert!(o.states >= 500_000, "only {} states", o.states);
 }
 
+/// RAID6 2+2, one client, two disks lost at once or one after the other, each coming back
+/// with its old contents: exhaustive (~3 min in release on two cores). With NEW disks as
+/// well it is exhaustive too but takes ~14 min and ~10 GB:
+/// `toma check-model --raid raid6 --clients 1 --max-states 0`.
+#[test]
+fn raid6_one_client_two_failures_pass_exhaustively() {
+    let o = run6(
+        None,
+        Config {
+            clients: 1,
+            failures: 2,
+            replacement: false,
+            fail_lock_place: false,
+            max_states: None,
+            ..Config::default()
+        },
+    );
+    if let Some((name, trace)) = &o.violation {
+        panic!("{name} violated:\n{trace}");
+    }
+    assert!(o.complete, "the two-failure RAID6 run must be exhaustive");
+    assert!(o.states >= 5_000_000, "only {} states", o.states);
+}
+
 #[test]
 fn raid6_two_clients_two_failures_pass_bounded() {
     let o = run6(None, raid6_bounded());
@@ -142,18 +166,11 @@ fn raid6_read_from_w_is_caught() {
     assert_caught6(Mutation::ReadFromW, raid6_bounded(), &["P1", "P2", "P3"]);
 }
 
-#[test]
-fn raid6_early_advance_is_caught() {
-    let cfg = Config {
-        replacement: false,
-        ..raid6_small()
-    };
-    assert_caught6(
-        Mutation::EarlyAdvance,
-        cfg,
-        &["P1", "P2", "P3", "P4", "P5", "P6", "RMW"],
-    );
-}
+// EarlyAdvance is not asserted for RAID6: the mutation is in toma-core's planner, which is
+// the same for both layouts (`early_advance_is_caught` covers it). RAID6 used to catch it
+// only through a writer re-reading a half-written stripe, which the client never does (it
+// reuses `OldColumns`); the catch RAID1 finds, a moved lock (P5), needs stripe 0's lock
+// place to fail, and with four members that run does not fit in memory.
 
 #[test]
 fn raid6_bad_config_is_refused() {

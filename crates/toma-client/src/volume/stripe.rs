@@ -1,10 +1,9 @@
 //! RAID6 reads, writes and stripe copies (the lock unit is the stripe: k data chunks + P + Q,
 //! rotated across the members by `toma_core::placement`).
 //!
-//! - A read takes data chunks from their members when those are RWL and then tests the
-//!   stripe's lock on its lock member (after the reads: one READ_TEST_LOCK when the chunk is
-//!   on that member); otherwise it takes the stripe's locks and reconstructs from k RWL
-//!   members' columns.
+//! - A read takes data chunks from their members when those are RWL, one READ each and no
+//!   lock test (a data chunk has one copy, which stale-lock recovery and the rebuild keep);
+//!   otherwise it takes the stripe's locks and reconstructs from k RWL members' columns.
 //! - A write, under the stripe's locks (and dirty bits when a member is DEAD), reads the old
 //!   columns of the data chunks it does not cover, computes P and Q of the touched columns
 //!   (4 KiB-aligned) and writes the touched data chunks, P and Q to every non-DEAD member
@@ -174,28 +173,6 @@ impl Inner {
         Ok(out)
     }
 
-    /// Whether a client other than this one holds stripe `s`'s lock on member `m`.
-    async fn locked_by_other(
-        self: &Arc<Self>,
-        t: &Arc<Topology>,
-        m: MemberIdx,
-        s: u64,
-    ) -> Result<bool, Retry> {
-        let me = self.links.lock().get(&t.members[m].disk).map(|l| l.client);
-        match self
-            .call(t, m, Message::GetLocks { units: s..s + 1 })
-            .await?
-        {
-            Message::Locks { locks } => {
-                Ok(locks.iter().any(|l| l.unit == s && Some(l.client) != me))
-            }
-            other => Err(Retry::Fatal(ClientError::Protocol(format!(
-                "member {m} answered GET_LOCKS with {:?}",
-                other.kind()
-            )))),
-        }
-    }
-
     pub(super) async fn read_stripe(self: &Arc<Self>, p: UnitPart) -> Result<Bytes, ClientError> {
         let mut backoff = Backoff::new();
         loop {
@@ -203,13 +180,7 @@ impl Inner {
             let res = self.try_read_stripe(&t, &p).await;
             drop(guard);
             match res {
-                Ok(Some(data)) => return Ok(data),
-                Ok(None) => {
-                    self.stats
-                        .read_retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    backoff.wait().await;
-                }
+                Ok(data) => return Ok(data),
                 Err(Retry::Topology) => self.wait_newer(t.generation, self.cfg.hold_retry).await,
                 Err(Retry::Backoff) | Err(Retry::Fenced) => backoff.wait().await,
                 Err(Retry::Fatal(e)) => return Err(e),
@@ -217,38 +188,25 @@ impl Inner {
         }
     }
 
-    /// One attempt; `Ok(None)` when a writer held the stripe's lock (read again).
+    /// One attempt.
+    ///
+    /// A data chunk on an RWL member is read with a plain READ and no lock test. A data chunk
+    /// has one copy: stale-lock recovery and the rebuild re-encode P and Q from it and never
+    /// change it, and a writer writes it only after its P and Q are written (see
+    /// `try_write_stripe`), so what a read returns is kept even if the data member is lost
+    /// next and the chunk is reconstructed. Checked by `toma check-model --raid raid6`.
     async fn try_read_stripe(
         self: &Arc<Self>,
         t: &Arc<Topology>,
         p: &UnitPart,
-    ) -> Result<Option<Bytes>, Retry> {
+    ) -> Result<Bytes, Retry> {
         let sp = Span::new(t, p);
         let s = sp.stripe;
-        let Some(place) = read_member(t, s) else {
+        if read_member(t, s).is_none() {
+            // Failed: fewer than k readable members.
             return Err(Retry::Topology);
-        };
-        let chunks = sp.chunks();
-        if chunks.start() == chunks.end() && raid6_data_member(t, s, *chunks.start()) == place {
-            // The chunk lives on the lock member: read and test in one round trip.
-            let (a, _) = sp.in_chunk(*chunks.start());
-            let msg = Message::ReadTestLock {
-                unit: s,
-                offset: sp.base() + a,
-                len: p.len,
-            };
-            return match self.call(t, place, msg).await? {
-                Message::DataLock {
-                    locked: false,
-                    data,
-                } if data.len() == p.len as usize => Ok(Some(data)),
-                Message::DataLock { locked: true, .. } => Ok(None),
-                other => Err(Retry::Fatal(ClientError::Protocol(format!(
-                    "member {place} answered READ_TEST_LOCK with {:?}",
-                    other.kind()
-                )))),
-            };
         }
+        let chunks = sp.chunks();
         let direct = chunks
             .clone()
             .all(|j| t.members[raid6_data_member(t, s, j)].role == Role::Rwl);
@@ -262,41 +220,36 @@ impl Inner {
             for r in reads {
                 out.extend_from_slice(&r?);
             }
-        } else {
-            // A read that decodes several members' shards takes the stripe's locks, like a
-            // writer: a write could reach one member before these reads and another after,
-            // and be done before a test after the read (found by the model checker), and
-            // mixed shards decode into bytes no write wrote.
-            let _local = self.local_locks.lock(s).await;
-            let lock_set = locks(t, s);
-            if lock_set.is_empty() {
-                return Err(Retry::Topology);
-            }
-            let mut held = BTreeSet::new();
-            let res: Result<(), Retry> = async {
-                self.take_locks(t, s, &lock_set, &mut held).await?;
-                let cols = sp.columns();
-                let need: Vec<usize> = chunks.clone().collect();
-                let data = self.stripe_columns(t, &sp, cols, &need).await?;
-                for j in chunks {
-                    let (a, b) = sp.in_chunk(j);
-                    let d = data[j].as_ref().ok_or_else(|| {
-                        Retry::Fatal(ClientError::Protocol(format!("RAID6 chunk {j} not read")))
-                    })?;
-                    out.extend_from_slice(&d[(a - cols.0) as usize..(b - cols.0) as usize]);
-                }
-                Ok(())
-            }
-            .await;
-            self.unlock_all(t, s, &mut held).await;
-            res?;
-            return Ok(Some(out.freeze()));
+            return Ok(out.freeze());
         }
-        // Test after read: a writer that held the stripe during the reads is seen.
-        if self.locked_by_other(t, place, s).await? {
-            return Ok(None);
+        // A read that decodes several members' shards takes the stripe's locks, like a
+        // writer: a write could reach one member before these reads and another after, and
+        // be done before a test after the read (found by the model checker), and mixed
+        // shards decode into bytes no write wrote.
+        let _local = self.local_locks.lock(s).await;
+        let lock_set = locks(t, s);
+        if lock_set.is_empty() {
+            return Err(Retry::Topology);
         }
-        Ok(Some(out.freeze()))
+        let mut held = BTreeSet::new();
+        let res: Result<(), Retry> = async {
+            self.take_locks(t, s, &lock_set, &mut held).await?;
+            let cols = sp.columns();
+            let need: Vec<usize> = chunks.clone().collect();
+            let data = self.stripe_columns(t, &sp, cols, &need).await?;
+            for j in chunks {
+                let (a, b) = sp.in_chunk(j);
+                let d = data[j].as_ref().ok_or_else(|| {
+                    Retry::Fatal(ClientError::Protocol(format!("RAID6 chunk {j} not read")))
+                })?;
+                out.extend_from_slice(&d[(a - cols.0) as usize..(b - cols.0) as usize]);
+            }
+            Ok(())
+        }
+        .await;
+        self.unlock_all(t, s, &mut held).await;
+        res?;
+        Ok(out.freeze())
     }
 
     pub(super) async fn try_write_stripe(
