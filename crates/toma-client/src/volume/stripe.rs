@@ -192,9 +192,10 @@ impl Inner {
     ///
     /// A data chunk on an RWL member is read with a plain READ and no lock test. A data chunk
     /// has one copy: stale-lock recovery and the rebuild re-encode P and Q from it and never
-    /// change it, and a writer writes it only after its P and Q are written (see
-    /// `try_write_stripe`), so what a read returns is kept even if the data member is lost
-    /// next and the chunk is reconstructed. Checked by `toma check-model --raid raid6`.
+    /// change it. A read that overlaps a write may return the write's new bytes; they are
+    /// undone only if that writer crashes and the data member is lost before P and Q were
+    /// written, and then the write was never acknowledged (P2 does not cover it). Checked by
+    /// `toma check-model --raid raid6`.
     async fn try_read_stripe(
         self: &Arc<Self>,
         t: &Arc<Topology>,
