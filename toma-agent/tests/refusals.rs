@@ -11,6 +11,18 @@ use toma_wire::{ErrorCode, Message, Secret};
 
 const UNITS: u64 = 16;
 
+/// Waits until the agent on `node` serves generation `g` of volume `id`.
+async fn agent_knows(c: &toma_agent::local::LocalCluster, node: usize, id: VolumeId, g: u64) {
+    wait_until("the member's TOMA knows g", WAIT, || async {
+        c.agent(node)
+            .unwrap()
+            .members()
+            .iter()
+            .any(|m| m.volume == id && m.topology().generation == g)
+    })
+    .await;
+}
+
 /// Chunk 0 of the member `raw` is registered with, read under `generation`.
 async fn read_chunk0(raw: &Raw, generation: u64) -> bytes::Bytes {
     let read = Message::Read {
@@ -113,14 +125,7 @@ async fn generations_older_than_g_minus_1_are_refused_and_nothing_is_written() {
     let g = t.generation;
     let n0 = node_of(&c, id, 0).await;
     // The agent serves g (it pushed it to the clients, which acknowledged it).
-    wait_until("member 0's TOMA knows g", WAIT, || async {
-        c.agent(n0)
-            .unwrap()
-            .members()
-            .iter()
-            .any(|m| m.volume == id && m.topology().generation == g)
-    })
-    .await;
+    agent_knows(&c, n0, id, g).await;
     let before = c.member_contents(id).await;
     let raw = Raw::register(&c, n0, id, random_u128()).await;
 
@@ -242,14 +247,7 @@ async fn a_member_declared_dead_while_its_agent_runs_serves_nothing() {
         .unwrap();
     let g = t.generation;
     assert_eq!(t.phase(), Phase::Degraded);
-    wait_until("member 1's TOMA knows g", WAIT, || async {
-        c.agent(n1)
-            .unwrap()
-            .members()
-            .iter()
-            .any(|m| m.volume == id && m.topology().generation == g)
-    })
-    .await;
+    agent_knows(&c, n1, id, g).await;
     let before = c.member_contents(id).await;
     let raw = Raw::register(&c, n1, id, random_u128()).await;
     let read = Message::Read {
