@@ -20,6 +20,11 @@ pub enum CallError {
     Unreachable(String),
     /// The TOMA refused the request.
     Refused { code: ErrorCode, message: String },
+    /// The session ended before the reply for a reason that says nothing about the
+    /// member's health: this client closed it, or the TOMA fenced this client (`fenced`)
+    /// and closed it. Never reported as the member being unreachable: a fenced client
+    /// closes all its sessions at once, and reporting those would fail healthy members.
+    Closed { fenced: bool },
 }
 
 impl std::fmt::Display for CallError {
@@ -27,6 +32,8 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Unreachable(why) => write!(f, "unreachable: {why}"),
             CallError::Refused { code, message } => write!(f, "{code}: {message}"),
+            CallError::Closed { fenced: true } => write!(f, "session closed: client fenced"),
+            CallError::Closed { fenced: false } => write!(f, "session closed by this client"),
         }
     }
 }
@@ -45,6 +52,9 @@ pub enum Unsolicited {
 
 type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Message>>>>;
 
+/// Why a session ended, when that is known before its calls fail (the first reason wins).
+type End = Arc<Mutex<Option<CallError>>>;
+
 /// UNLOCKs sent without waiting: request id → unit.
 type Unlocks = Arc<Mutex<BTreeMap<u64, u64>>>;
 
@@ -54,6 +64,9 @@ pub struct Session {
     unlocks: Unlocks,
     /// Woken whenever an UNLOCK's reply arrives (or the connection ends).
     unlocked: Arc<Notify>,
+    end: End,
+    /// The client id this session registered as (set by the volume client).
+    registered_as: Mutex<Option<toma_wire::ClientId>>,
     next_id: AtomicU64,
     volume: VolumeId,
     timeout: Duration,
@@ -81,6 +94,8 @@ impl Session {
         let u = unlocks.clone();
         let unlocked = Arc::new(Notify::new());
         let woken = unlocked.clone();
+        let end: End = Arc::new(Mutex::new(None));
+        let ended = end.clone();
         tokio::spawn(async move {
             loop {
                 match receiver.recv().await {
@@ -90,7 +105,14 @@ impl Session {
                                 Message::SwitchTopo { topology } => {
                                     Unsolicited::SwitchTopo(topology)
                                 }
-                                Message::Fenced { reason } => Unsolicited::Fenced(reason),
+                                Message::Fenced { reason } => {
+                                    // Set before the TOMA closes the connection, so the
+                                    // calls that fail with it say why.
+                                    ended
+                                        .lock()
+                                        .get_or_insert(CallError::Closed { fenced: true });
+                                    Unsolicited::Fenced(reason)
+                                }
                                 other => {
                                     debug!(?other, "unsolicited message ignored");
                                     continue;
@@ -126,18 +148,47 @@ impl Session {
             pending,
             unlocks,
             unlocked,
+            end,
+            registered_as: Mutex::new(None),
             next_id: AtomicU64::new(1),
             volume,
             timeout,
         }))
     }
 
+    /// Records the client id this session registered as.
+    pub fn set_registered_as(&self, client: toma_wire::ClientId) {
+        *self.registered_as.lock() = Some(client);
+    }
+
+    /// The client id this session registered as, once it has.
+    pub fn registered_as(&self) -> Option<toma_wire::ClientId> {
+        *self.registered_as.lock()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.sender.is_closed()
     }
 
+    /// Closes the session; calls still waiting fail with [`CallError::Closed`].
     pub fn close(&self) {
+        self.close_as(false);
+    }
+
+    /// Closes the session because this client was fenced: calls still waiting fail with
+    /// `Closed { fenced: true }` (the caller must forget the locks it held).
+    pub fn close_fenced(&self) {
+        self.close_as(true);
+    }
+
+    fn close_as(&self, fenced: bool) {
+        self.end.lock().get_or_insert(CallError::Closed { fenced });
         self.sender.close();
+    }
+
+    /// A failed call's error: why the session ended, when known, else `e`.
+    fn ended_or(&self, e: CallError) -> CallError {
+        self.end.lock().clone().unwrap_or(e)
     }
 
     /// Sends `msg` under `generation` and waits for its reply. `Error` replies become
@@ -159,22 +210,22 @@ impl Session {
         let frame = Frame::new(id, self.volume, generation, msg);
         if let Err(e) = self.sender.send(&frame).await {
             self.pending.lock().remove(&id);
-            return Err(CallError::Unreachable(e.to_string()));
+            return Err(self.ended_or(CallError::Unreachable(e.to_string())));
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(Message::Error { code, message })) => Err(CallError::Refused { code, message }),
             Ok(Ok(m)) => Ok(m),
-            Ok(Err(_)) => Err(CallError::Unreachable(format!(
+            Ok(Err(_)) => Err(self.ended_or(CallError::Unreachable(format!(
                 "connection to {} ended",
                 self.sender.peer()
-            ))),
+            )))),
             Err(_) => {
                 self.pending.lock().remove(&id);
-                Err(CallError::Unreachable(format!(
+                Err(self.ended_or(CallError::Unreachable(format!(
                     "{} did not answer within {:?}",
                     self.sender.peer(),
                     self.timeout
-                )))
+                ))))
             }
         }
     }
@@ -190,11 +241,11 @@ impl Session {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                return Err(CallError::Unreachable(format!(
+                return Err(self.ended_or(CallError::Unreachable(format!(
                     "{} did not answer an UNLOCK of unit {unit} within {:?}",
                     self.sender.peer(),
                     self.timeout
-                )));
+                ))));
             }
         }
     }

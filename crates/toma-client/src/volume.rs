@@ -572,6 +572,7 @@ impl Inner {
             .await;
         match reply {
             Ok(Message::Registered { topology }) => {
+                session.set_registered_as(client);
                 self.adopt(topology);
                 self.links.lock().insert(
                     disk,
@@ -618,7 +619,8 @@ impl Inner {
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
         warn!(volume = %self.volume, "this client was fenced; re-registering under a new id");
         for (_, l) in std::mem::take(&mut *self.links.lock()) {
-            l.session.close();
+            // Calls still waiting on these sessions fail as fenced, not as unreachable.
+            l.session.close_fenced();
         }
         self.held.lock().clear();
         let _ = self.cp.detach(self.volume, old).await;
@@ -680,6 +682,17 @@ impl Inner {
                 self.report_unreachable(t, member, &message);
                 Retry::Topology
             }
+            // Nothing is known of the member's health. A fenced client's locks are gone
+            // (its event loop, or the next REGISTER, starts it again under a new id).
+            CallError::Closed { fenced: true } => Retry::Fenced,
+            CallError::Closed { fenced: false } => {
+                let disk = t.members[member].disk;
+                let mut links = self.links.lock();
+                if links.get(&disk).is_some_and(|l| l.session.is_closed()) {
+                    links.remove(&disk);
+                }
+                Retry::Backoff
+            }
             CallError::Refused { code, message } => match code {
                 ErrorCode::StaleGeneration | ErrorCode::NotRegistered => {
                     self.refresh().await;
@@ -698,11 +711,9 @@ impl Inner {
                     }
                     Retry::Backoff
                 }
-                ErrorCode::Fenced => {
-                    let id = *self.client.lock();
-                    self.fenced(id).await;
-                    Retry::Fenced
-                }
+                // The caller fenced the id the request went out as (`call`, `link`): not
+                // the current one, which may already be the new id.
+                ErrorCode::Fenced => Retry::Fenced,
                 _ => Retry::Fatal(ClientError::Member(member, format!("{code}: {message}"))),
             },
         }
@@ -739,7 +750,18 @@ impl Inner {
                 }
                 Err(Retry::Backoff)
             }
-            Err(e) => Err(self.on_error(t, member, e).await),
+            Err(e) => {
+                if let CallError::Refused {
+                    code: ErrorCode::Fenced,
+                    ..
+                } = e
+                {
+                    if let Some(id) = s.registered_as() {
+                        self.fenced(id).await;
+                    }
+                }
+                Err(self.on_error(t, member, e).await)
+            }
         }
     }
 
@@ -800,7 +822,22 @@ impl Inner {
         let mut held: BTreeSet<DiskId> = BTreeSet::new();
         let mut old = stripe::OldColumns::default();
         let mut backoff = Backoff::new();
+        // The id the locks in `held` were taken as. Once this client is fenced (it starts
+        // again under a new id), those locks are gone — the TOMAs recover them, copying the
+        // unit's old bytes over whatever this write had sent — so the write starts again
+        // under new locks, and an attempt that ended after the fence is done again.
+        let mut locked_as = *self.client.lock();
         loop {
+            let id = *self.client.lock();
+            if id != locked_as {
+                // Some of `held` may have been taken as the new id in the attempt that saw
+                // the fence: release them (an UNLOCK of a lock the new id does not hold is
+                // refused and changes nothing).
+                let t = self.current();
+                self.unlock_all(&t, p.unit, &mut held).await;
+                old.forget();
+                locked_as = id;
+            }
             let (t, guard) = self.begin_io();
             let res = if self.spec.layout.is_raid6() {
                 self.try_write_stripe(&t, p, &data, &mut held, &mut old)
@@ -809,12 +846,16 @@ impl Inner {
                 self.try_write(&t, p, &data, &mut held).await
             };
             drop(guard);
+            let res = match res {
+                Ok(()) if *self.client.lock() != locked_as => Err(Retry::Fenced),
+                other => other,
+            };
             match res {
                 Ok(()) => return Ok(()),
                 Err(Retry::Topology) => self.wait_newer(t.generation, self.cfg.hold_retry).await,
                 Err(Retry::Backoff) => backoff.wait().await,
                 Err(Retry::Fenced) => {
-                    held.clear();
+                    self.unlock_all(&t, p.unit, &mut held).await;
                     old.forget();
                     backoff.wait().await;
                 }
