@@ -57,6 +57,20 @@ pub struct LockTable {
     units: AtomicU64,
     shards: Vec<Mutex<HashMap<u64, ClientId>>>,
     fenced: RwLock<HashSet<ClientId>>,
+    /// RAID6 write intents (`INTENT`) by unit, each of the unit's current holder. Dropped
+    /// whenever the unit's lock is granted anew, released or cleared, so an intent never
+    /// outlives the lock it was sent under. Taken after a shard's lock, never before.
+    intents: Mutex<HashMap<u64, Intent>>,
+}
+
+/// What a RAID6 writer will leave in a stripe's columns (see `toma_wire::Message::Intent`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub client: ClientId,
+    /// The first column (byte within each chunk).
+    pub column: u32,
+    /// The k data chunks' columns, chunk after chunk.
+    pub data: bytes::Bytes,
 }
 
 impl LockTable {
@@ -65,6 +79,7 @@ impl LockTable {
             units: AtomicU64::new(units),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             fenced: RwLock::new(HashSet::new()),
+            intents: Mutex::new(HashMap::new()),
         }
     }
 
@@ -108,11 +123,42 @@ impl LockTable {
         let mut shard = self.shard(unit).lock();
         match shard.get(&unit) {
             Some(&holder) if holder != client => Err(StateError::HeldByOther { unit, holder }),
-            _ => {
+            Some(_) => Ok(()),
+            None => {
                 shard.insert(unit, client);
+                self.intents.lock().remove(&unit);
                 Ok(())
             }
         }
+    }
+
+    /// Records `client`'s write intent for `unit`, which it must hold (`INTENT`); replaces
+    /// the one it sent before.
+    pub fn set_intent(&self, unit: u64, intent: Intent) -> Result<(), StateError> {
+        self.check_unit(unit)?;
+        self.check_client(intent.client)?;
+        let shard = self.shard(unit).lock();
+        if shard.get(&unit) != Some(&intent.client) {
+            return Err(StateError::NotHeld {
+                unit,
+                client: intent.client,
+            });
+        }
+        self.intents.lock().insert(unit, intent);
+        Ok(())
+    }
+
+    /// `client`'s write intent for `unit`, while it still holds the unit (recovery).
+    pub fn intent(&self, unit: u64, client: ClientId) -> Option<Intent> {
+        let shard = self.shard(unit).lock();
+        if shard.get(&unit) != Some(&client) {
+            return None;
+        }
+        self.intents
+            .lock()
+            .get(&unit)
+            .filter(|i| i.client == client)
+            .cloned()
     }
 
     /// Releases `client`'s lock of `unit`.
@@ -123,6 +169,7 @@ impl LockTable {
         match shard.get(&unit) {
             Some(&holder) if holder == client => {
                 shard.remove(&unit);
+                self.intents.lock().remove(&unit);
                 Ok(())
             }
             _ => Err(StateError::NotHeld { unit, client }),
@@ -132,7 +179,9 @@ impl LockTable {
     /// Releases `unit` whoever holds it (stale-lock recovery, after fencing). Returns the
     /// former holder.
     pub fn force_unlock(&self, unit: u64) -> Option<ClientId> {
-        self.shard(unit).lock().remove(&unit)
+        let mut shard = self.shard(unit).lock();
+        self.intents.lock().remove(&unit);
+        shard.remove(&unit)
     }
 
     pub fn holder(&self, unit: u64) -> Option<ClientId> {
@@ -181,8 +230,10 @@ impl LockTable {
         let mut shard = self.shard(unit).lock();
         match shard.get(&unit) {
             Some(&holder) if holder != client => Err(StateError::HeldByOther { unit, holder }),
-            _ => {
+            Some(_) => Ok(()),
+            None => {
                 shard.insert(unit, client);
+                self.intents.lock().remove(&unit);
                 Ok(())
             }
         }
@@ -229,7 +280,9 @@ impl LockTable {
     /// Drops every lock (Rebuild-init clears a member's locks). Fences stay.
     pub fn clear(&self) {
         for s in &self.shards {
-            s.lock().clear();
+            let mut shard = s.lock();
+            self.intents.lock().retain(|u, _| !shard.contains_key(u));
+            shard.clear();
         }
     }
 }
@@ -542,6 +595,54 @@ mod tests {
 
     const A: ClientId = ClientId(1);
     const B: ClientId = ClientId(2);
+
+    fn intent(client: ClientId, byte: u8) -> Intent {
+        Intent {
+            client,
+            column: 4096,
+            data: bytes::Bytes::from(vec![byte; 8]),
+        }
+    }
+
+    #[test]
+    fn an_intent_lives_exactly_as_long_as_its_lock() {
+        let t = LockTable::new(100);
+        // Only the holder may send one.
+        assert_eq!(
+            t.set_intent(5, intent(A, 1)),
+            Err(StateError::NotHeld { unit: 5, client: A })
+        );
+        t.lock(5, A).unwrap();
+        t.set_intent(5, intent(A, 1)).unwrap();
+        t.set_intent(5, intent(A, 2)).unwrap();
+        assert_eq!(t.intent(5, A), Some(intent(A, 2)));
+        assert_eq!(t.intent(5, B), None);
+        // A retried LOCK by the holder keeps it; the unlock drops it.
+        t.lock(5, A).unwrap();
+        assert_eq!(t.intent(5, A), Some(intent(A, 2)));
+        t.unlock(5, A).unwrap();
+        t.lock(5, A).unwrap();
+        assert_eq!(t.intent(5, A), None, "a new grant starts without an intent");
+        // Recovery reads it while the fenced holder still holds the lock, then frees both.
+        t.set_intent(5, intent(A, 3)).unwrap();
+        t.fence(A);
+        assert_eq!(t.intent(5, A), Some(intent(A, 3)));
+        assert_eq!(
+            t.set_intent(5, intent(A, 4)),
+            Err(StateError::Fenced { client: A })
+        );
+        t.force_unlock(5);
+        assert_eq!(t.intent(5, A), None);
+        t.lock(6, B).unwrap();
+        t.set_intent(6, intent(B, 5)).unwrap();
+        t.clear();
+        t.lock(6, B).unwrap();
+        assert_eq!(
+            t.intent(6, B),
+            None,
+            "Rebuild-init forgets intents with the locks"
+        );
+    }
 
     #[test]
     fn lock_unlock_and_piggyback_test() {

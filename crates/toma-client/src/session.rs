@@ -42,7 +42,11 @@ impl std::fmt::Display for CallError {
 #[derive(Debug)]
 pub enum Unsolicited {
     SwitchTopo(toma_core::Topology),
-    Fenced(String),
+    /// This session's client id (the one it registered as, if known) is fenced.
+    Fenced {
+        reason: String,
+        client: Option<toma_wire::ClientId>,
+    },
     /// The connection ended.
     Closed,
     /// An UNLOCK of this unit was refused for its generation (too old, or not known there
@@ -66,7 +70,7 @@ pub struct Session {
     unlocked: Arc<Notify>,
     end: End,
     /// The client id this session registered as (set by the volume client).
-    registered_as: Mutex<Option<toma_wire::ClientId>>,
+    registered_as: Arc<Mutex<Option<toma_wire::ClientId>>>,
     next_id: AtomicU64,
     volume: VolumeId,
     timeout: Duration,
@@ -96,6 +100,8 @@ impl Session {
         let woken = unlocked.clone();
         let end: End = Arc::new(Mutex::new(None));
         let ended = end.clone();
+        let registered_as = Arc::new(Mutex::new(None));
+        let registered = registered_as.clone();
         tokio::spawn(async move {
             loop {
                 match receiver.recv().await {
@@ -111,7 +117,10 @@ impl Session {
                                     ended
                                         .lock()
                                         .get_or_insert(CallError::Closed { fenced: true });
-                                    Unsolicited::Fenced(reason)
+                                    Unsolicited::Fenced {
+                                        reason,
+                                        client: *registered.lock(),
+                                    }
                                 }
                                 other => {
                                     debug!(?other, "unsolicited message ignored");
@@ -149,7 +158,7 @@ impl Session {
             unlocks,
             unlocked,
             end,
-            registered_as: Mutex::new(None),
+            registered_as,
             next_id: AtomicU64::new(1),
             volume,
             timeout,

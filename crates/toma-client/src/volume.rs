@@ -76,9 +76,17 @@ pub struct ClientStats {
     pub switches: AtomicU64,
 }
 
+/// How [`Inner::copy_unit`] copies: the dirty bits to clear after, whether to take the unit's
+/// locks first (rebuild) or not (recovery: the fenced client's locks are still held), and a
+/// fenced RAID6 writer's intent (`column`, the k data chunks' columns).
+struct CopyHow<'a> {
+    clear: Option<&'a DirtyMarks>,
+    lock: bool,
+    intent: Option<(u32, Bytes)>,
+}
+
 struct Link {
     session: Arc<Session>,
-    client: ClientId,
     /// The node the session goes to: a member whose disk moves is reached on its new node.
     node: NodeId,
 }
@@ -404,7 +412,47 @@ impl VolumeClient {
         clear: Option<&DirtyMarks>,
         lock: bool,
     ) -> Result<u64, ClientError> {
-        self.inner.copy_unit(t, unit, from, to, clear, lock).await
+        self.inner
+            .copy_unit(
+                t,
+                unit,
+                from,
+                to,
+                CopyHow {
+                    clear,
+                    lock,
+                    intent: None,
+                },
+            )
+            .await
+    }
+
+    /// Stale-lock recovery of a fenced client's `unit` (its locks still held for it):
+    /// [`copy_unit`](Self::copy_unit) without taking locks, where a RAID6 stripe's columns
+    /// `intent.0..` are the client's write intent (`INTENT`: the k data chunks' columns, chunk
+    /// after chunk) rather than what the members hold, since the client may have written
+    /// some shards and not others.
+    pub async fn recover_unit(
+        &self,
+        t: &Topology,
+        unit: u64,
+        from: MemberIdx,
+        to: &[MemberIdx],
+        intent: Option<(u32, Bytes)>,
+    ) -> Result<u64, ClientError> {
+        self.inner
+            .copy_unit(
+                t,
+                unit,
+                from,
+                to,
+                CopyHow {
+                    clear: None,
+                    lock: false,
+                    intent,
+                },
+            )
+            .await
     }
 }
 
@@ -578,7 +626,6 @@ impl Inner {
                     disk,
                     Link {
                         session: session.clone(),
-                        client,
                         node: node.clone(),
                     },
                 );
@@ -617,7 +664,12 @@ impl Inner {
             *id
         };
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
-        warn!(volume = %self.volume, "this client was fenced; re-registering under a new id");
+        warn!(
+            volume = %self.volume,
+            old = %toma_core::VolumeId(old),
+            new = %toma_core::VolumeId(new),
+            "this client was fenced; re-registering under a new id"
+        );
         for (_, l) in std::mem::take(&mut *self.links.lock()) {
             // Calls still waiting on these sessions fail as fenced, not as unreachable.
             l.session.close_fenced();
@@ -714,6 +766,9 @@ impl Inner {
                 // The caller fenced the id the request went out as (`call`, `link`): not
                 // the current one, which may already be the new id.
                 ErrorCode::Fenced => Retry::Fenced,
+                // INTENT for a stripe whose lock this client does not hold there (the
+                // lock member's locks were cleared): release what it holds, start over.
+                ErrorCode::NotLockHolder => Retry::Fenced,
                 _ => Retry::Fatal(ClientError::Member(member, format!("{code}: {message}"))),
             },
         }
@@ -867,6 +922,19 @@ impl Inner {
         }
     }
 
+    /// Drops from `held` the locks on members `t` declares DEAD. Their TOMAs forget them
+    /// (Rebuild-init), so they must not be re-asserted at the next REGISTER either: that
+    /// would take the lock again there for good, and every other writer of the unit waits.
+    fn forget_dead_locks(&self, t: &Topology, unit: u64, held: &mut BTreeSet<DiskId>) {
+        held.retain(|d| {
+            let alive = t.members.iter().any(|m| &m.disk == d && !m.role.is_dead());
+            if !alive {
+                self.note_held(*d, unit, false);
+            }
+            alive
+        });
+    }
+
     fn note_held(&self, disk: DiskId, unit: u64, on: bool) {
         let mut h = self.held.lock();
         let set = h.entry(disk).or_default();
@@ -890,7 +958,7 @@ impl Inner {
             return Err(Retry::Topology);
         }
         // Locks on members that are DEAD now are gone with them.
-        held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        self.forget_dead_locks(t, p.unit, held);
         self.take_locks(t, p.unit, &lock_set, held).await?;
         if let Some(d) = sets_dirty(t, p.unit).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, p.unit, &d, true).await?;
@@ -1049,9 +1117,13 @@ impl Inner {
         unit: u64,
         from: MemberIdx,
         to: &[MemberIdx],
-        clear: Option<&DirtyMarks>,
-        lock: bool,
+        how: CopyHow<'_>,
     ) -> Result<u64, ClientError> {
+        let CopyHow {
+            clear,
+            lock,
+            intent,
+        } = how;
         let t = Arc::new(t.clone());
         let Some(_guard) = self.gens.begin(t.generation) else {
             // The client already moved past `t`: the caller must look at the new topology.
@@ -1081,7 +1153,10 @@ impl Inner {
                 .map_err(fail)?;
         }
         if t.layout.is_raid6() {
-            let result = self.copy_stripe(&t, unit, to, clear).await.map_err(fail);
+            let result = self
+                .copy_stripe(&t, unit, to, clear, intent)
+                .await
+                .map_err(fail);
             self.unlock_all(&t, unit, &mut held).await;
             return result;
         }
@@ -1142,10 +1217,12 @@ async fn event_loop(
         };
         match ev {
             Unsolicited::SwitchTopo(t) => inner.adopt(t),
-            Unsolicited::Fenced(reason) => {
+            Unsolicited::Fenced { reason, client } => {
                 info!(volume = %inner.volume, disk = %disk, reason, "fenced by a TOMA");
-                let id = inner.links.lock().get(&disk).map(|l| l.client);
-                if let Some(id) = id {
+                // The id the fenced session registered as: the disk's link may already be
+                // a newer session of a newer id, which no TOMA fenced (abandoning it would
+                // leave its locks held until a topology change fences it).
+                if let Some(id) = client {
                     inner.fenced(id).await;
                 }
             }

@@ -383,6 +383,15 @@ fn validate(frame: &Frame) -> Result<(), WireError> {
             targets(*t)
         }
         Message::ReportUnreachable { member: m } => member("member", *m),
+        Message::Intent { data, .. } => {
+            if data.is_empty() {
+                return r(
+                    "data",
+                    "empty: an intent carries the columns the write leaves".into(),
+                );
+            }
+            data_len("data", data.len())
+        }
         Message::GetLocks { units } => range(units),
         Message::GetDirty { target, units } => {
             member("target", *target)?;
@@ -456,6 +465,11 @@ fn encode_payload(msg: &Message, b: &mut BytesMut) -> Bytes {
         Message::Flush | Message::Ok => {}
         Message::AckTopo { generation } => b.put_u64_le(*generation),
         Message::ReportUnreachable { member } => b.put_u8(*member),
+        Message::Intent { unit, column, data } => {
+            b.put_u64_le(*unit);
+            b.put_u32_le(*column);
+            return data.clone();
+        }
         Message::FenceClient { client } => b.put_u128_le(*client),
         Message::ReleaseLock { unit, client } => {
             b.put_u64_le(*unit);
@@ -687,6 +701,11 @@ fn decode_payload(kind: Kind, payload: Bytes) -> Result<Message, WireError> {
             generation: rd.u64()?,
         },
         Kind::ReportUnreachable => Message::ReportUnreachable { member: rd.u8()? },
+        Kind::Intent => Message::Intent {
+            unit: rd.u64()?,
+            column: rd.u32()?,
+            data: rd.rest(),
+        },
         Kind::FenceClient => Message::FenceClient { client: rd.u128()? },
         Kind::ReleaseLock => Message::ReleaseLock {
             unit: rd.u64()?,

@@ -13,7 +13,7 @@
 //! | [`Message::ReadTestLock`] | [`Message::DataLock`], `Error` |
 //! | [`Message::Write`] | [`Message::Ok`], `Error` |
 //! | [`Message::Lock`] | [`Message::Ok`] (granted), [`Message::Locked`] (busy: retry), `Error` |
-//! | [`Message::Unlock`], [`Message::SetDirty`], [`Message::ClearDirty`], [`Message::Flush`], [`Message::ReportUnreachable`] | [`Message::Ok`], `Error` |
+//! | [`Message::Unlock`], [`Message::SetDirty`], [`Message::ClearDirty`], [`Message::Flush`], [`Message::ReportUnreachable`], [`Message::Intent`] | [`Message::Ok`], `Error` |
 //! | [`Message::AckTopo`] | none needed; a TOMA may answer [`Message::Ok`] |
 //!
 //! | request (TOMA → TOMA) | replies |
@@ -161,6 +161,12 @@ pub enum Message {
     AckTopo { generation: u64 },
     /// The client cannot reach member `member` of the volume.
     ReportUnreachable { member: u8 },
+    /// RAID6 write intent, sent to a stripe's lock members while the client holds the
+    /// stripe's lock and before it writes any shard: `data` is the k data chunks' columns
+    /// `column..column + data.len() / k` as the write leaves them, chunk after chunk. Kept
+    /// in RAM with the lock; if the client is fenced before it unlocks, stale-lock recovery
+    /// writes these bytes instead of decoding a half-written stripe.
+    Intent { unit: u64, column: u32, data: Bytes },
 
     // ---- TOMA → TOMA ----
     /// Fence `client` on this member: once answered `Ok`, nothing of it is applied here.
@@ -215,6 +221,7 @@ pub enum Kind {
     Flush = 0x09,
     AckTopo = 0x0A,
     ReportUnreachable = 0x0B,
+    Intent = 0x0C,
     FenceClient = 0x20,
     GetLocks = 0x21,
     PutLocks = 0x22,
@@ -233,7 +240,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 26] = [
+    pub const ALL: [Kind; 27] = [
         Kind::Register,
         Kind::Read,
         Kind::ReadTestLock,
@@ -245,6 +252,7 @@ impl Kind {
         Kind::Flush,
         Kind::AckTopo,
         Kind::ReportUnreachable,
+        Kind::Intent,
         Kind::FenceClient,
         Kind::GetLocks,
         Kind::PutLocks,
@@ -280,6 +288,7 @@ impl Kind {
             Kind::Flush => "FLUSH",
             Kind::AckTopo => "ACK_TOPO",
             Kind::ReportUnreachable => "REPORT_UNREACHABLE",
+            Kind::Intent => "INTENT",
             Kind::FenceClient => "FENCE_CLIENT",
             Kind::GetLocks => "GET_LOCKS",
             Kind::PutLocks => "PUT_LOCKS",
@@ -334,6 +343,7 @@ impl Message {
             Message::Flush => Kind::Flush,
             Message::AckTopo { .. } => Kind::AckTopo,
             Message::ReportUnreachable { .. } => Kind::ReportUnreachable,
+            Message::Intent { .. } => Kind::Intent,
             Message::FenceClient { .. } => Kind::FenceClient,
             Message::GetLocks { .. } => Kind::GetLocks,
             Message::PutLocks { .. } => Kind::PutLocks,

@@ -133,6 +133,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(Message::Flush),
         any::<u64>().prop_map(|generation| Message::AckTopo { generation }),
         (0..MAX_MEMBERS).prop_map(|member| Message::ReportUnreachable { member }),
+        (any::<u64>(), any::<u32>(), arb_bytes(3000))
+            .prop_filter("non-empty", |(_, _, d)| !d.is_empty())
+            .prop_map(|(unit, column, data)| Message::Intent { unit, column, data }),
         any::<u128>().prop_map(|client| Message::FenceClient { client }),
         (any::<u64>(), any::<u128>())
             .prop_map(|(unit, client)| Message::ReleaseLock { unit, client }),
@@ -565,6 +568,22 @@ fn big_write_round_trips_without_copying_on_decode() {
     assert_contains(&e.to_string(), "WRITE: field data out of range");
 }
 
+#[test]
+fn empty_intent_is_refused_naming_its_data() {
+    let f = Frame::new(
+        3,
+        VolumeId(VOL),
+        2,
+        Message::Intent {
+            unit: 1,
+            column: 0,
+            data: Bytes::new(),
+        },
+    );
+    let e = f.encode().unwrap_err();
+    assert_contains(&e.to_string(), "INTENT: field data out of range");
+}
+
 /// One small frame of every kind.
 fn sample_frames() -> Vec<Frame> {
     let t = topo();
@@ -604,6 +623,11 @@ fn sample_frames() -> Vec<Frame> {
         Message::Flush,
         Message::AckTopo { generation: 4 },
         Message::ReportUnreachable { member: 1 },
+        Message::Intent {
+            unit: 2,
+            column: 4096,
+            data: Bytes::from_static(b"columns"),
+        },
         Message::FenceClient { client: 77 },
         Message::GetLocks { units: 0..100 },
         Message::PutLocks {

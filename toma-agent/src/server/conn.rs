@@ -115,6 +115,7 @@ pub(super) async fn serve(agent: Arc<AgentInner>, conn: Conn) {
                     frame.msg,
                     Message::Lock { .. }
                         | Message::Unlock { .. }
+                        | Message::Intent { .. }
                         | Message::SetDirty { .. }
                         | Message::ClearDirty { .. }
                 ) {
@@ -469,6 +470,40 @@ async fn handle(
             match rt.locks.lock(*unit, client) {
                 Ok(()) => Message::Ok,
                 Err(StateError::HeldByOther { holder, .. }) => Message::Locked { holder: holder.0 },
+                Err(e) => state_err(e),
+            }
+        }
+        Message::Intent { unit, column, data } => {
+            if let Err(e) = unit_ok(*unit) {
+                return e;
+            }
+            let spec = m.spec();
+            if !spec.layout.is_raid6() {
+                return err(
+                    ErrorCode::Invalid,
+                    format!("INTENT on volume {}, which is not RAID6", m.name),
+                );
+            }
+            let k = spec.layout.min_readable();
+            let width = data.len() / k;
+            if data.len() % k != 0 || u64::from(*column) + width as u64 > u64::from(spec.chunk_size)
+            {
+                return err(
+                    ErrorCode::OutOfRange,
+                    format!(
+                        "INTENT of {} bytes at column {column}: must be {k} data chunks' columns within a chunk of {} bytes",
+                        data.len(),
+                        spec.chunk_size
+                    ),
+                );
+            }
+            let intent = crate::state::Intent {
+                client,
+                column: *column,
+                data: data.clone(),
+            };
+            match rt.locks.set_intent(*unit, intent) {
+                Ok(()) => Message::Ok,
                 Err(e) => state_err(e),
             }
         }

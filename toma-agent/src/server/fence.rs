@@ -158,7 +158,8 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                 }
             }
             if ok && !to.is_empty() {
-                if let Err(e) = local.copy_unit(&t, unit, me, &to, None, false).await {
+                let intent = rt.locks.intent(unit, client).map(|i| (i.column, i.data));
+                if let Err(e) = local.recover_unit(&t, unit, me, &to, intent).await {
                     warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
                     ok = false;
                 }

@@ -555,8 +555,11 @@ impl AgentInner {
         let now = self.now();
         let role = t.members[idx].role;
         let old_role = old.members.get(idx).map(|x| x.role).unwrap_or(Role::Dead);
-        // Rebuild-init, on the returning member: forget its locks and dirty bits.
-        if role == Role::W && old_role == Role::Dead {
+        // Rebuild-init, on the returning member: forget its locks and dirty bits. Whatever
+        // role this TOMA last knew: one that restarted, or missed the topologies marking its
+        // member DEAD, may still hold a lock a client took before and has since dropped (it
+        // forgets a DEAD member's locks), and nothing would ever release it.
+        if role == Role::W && old_role != Role::W {
             let units = m.runtime().locks.units();
             *m.runtime.lock() = Arc::new(MemberRuntime::new(units, t.n()));
         }

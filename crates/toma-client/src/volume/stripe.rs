@@ -269,7 +269,7 @@ impl Inner {
             // Fewer than k readable members: nothing can be written until one comes back.
             return Err(Retry::Topology);
         }
-        held.retain(|d| t.members.iter().any(|m| &m.disk == d && !m.role.is_dead()));
+        self.forget_dead_locks(t, s, held);
         let kept = lock_set.iter().all(|&m| held.contains(&t.members[m].disk));
         if !kept {
             // A lock had to be taken (again): another writer may have been in between.
@@ -323,6 +323,7 @@ impl Inner {
         }
         let refs: Vec<&[u8]> = cols.iter().map(|c| &c[..]).collect();
         let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
+        self.send_intent(t, s, &lock_set, ca, &cols).await?;
         let writes = join_all(targets.iter().filter_map(|&m| {
             let i = raid6_shard_of(t, s, m);
             let payload = match i {
@@ -361,6 +362,60 @@ impl Inner {
         Ok(())
     }
 
+    /// While a member of the stripe is not RWL, tells the stripe's lock members what the
+    /// write leaves in columns `ca..` of every data chunk (`INTENT`), before any shard is
+    /// written. Were this client fenced between two shard writes, stale-lock recovery would
+    /// otherwise decode the chunk of a member that is not readable from a half-written
+    /// stripe, and get bytes no write wrote (`toma sim --raid raid6`). With every member
+    /// RWL recovery reads all data chunks and needs no intent, so a healthy volume pays
+    /// nothing. An intent larger than a frame (k × width > `MAX_IO_LEN`: chunks over 2 MiB)
+    /// is not sent, and such a stripe keeps the write hole.
+    async fn send_intent(
+        self: &Arc<Self>,
+        t: &Arc<Topology>,
+        s: u64,
+        lock_set: &[MemberIdx],
+        ca: u64,
+        cols: &[Bytes],
+    ) -> Result<(), Retry> {
+        if t.members.iter().all(|m| m.role == Role::Rwl) {
+            return Ok(());
+        }
+        let size: usize = cols.iter().map(Bytes::len).sum();
+        if size > toma_wire::MAX_IO_LEN as usize {
+            return Ok(());
+        }
+        let mut data = BytesMut::with_capacity(size);
+        for c in cols {
+            data.extend_from_slice(c);
+        }
+        let data = data.freeze();
+        let replies = join_all(lock_set.iter().map(|&m| {
+            self.call(
+                t,
+                m,
+                Message::Intent {
+                    unit: s,
+                    column: ca as u32,
+                    data: data.clone(),
+                },
+            )
+        }))
+        .await;
+        for r in replies {
+            match r? {
+                Message::Ok => {}
+                other => {
+                    return Err(Retry::Fatal(ClientError::Protocol(format!(
+                        "INTENT answered with {:?}",
+                        other.kind()
+                    ))))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuild and recovery of stripe `s` under `t` (locks already taken by the caller):
     /// every data chunk read (or reconstructed), P and Q re-encoded, each member of `to`
     /// written its shard. Returns the bytes written per target.
@@ -370,6 +425,7 @@ impl Inner {
         s: u64,
         to: &[MemberIdx],
         clear: Option<&DirtyMarks>,
+        intent: Option<(u32, Bytes)>,
     ) -> Result<u64, Retry> {
         let k = t.layout.min_readable();
         let chunk = u64::from(t.chunk_size);
@@ -382,7 +438,27 @@ impl Inner {
         };
         let all: Vec<usize> = (0..k).collect();
         let data = self.stripe_columns(t, &sp, (0, chunk), &all).await?;
-        let data: Vec<Bytes> = data.into_iter().map(Option::unwrap_or_default).collect();
+        let mut data: Vec<Bytes> = data.into_iter().map(Option::unwrap_or_default).collect();
+        if let Some((column, cols)) = intent {
+            // A fenced writer's intent: its columns as the write leaves them, whatever it
+            // managed to write (decoding a half-written stripe returns bytes no write wrote).
+            let width = cols.len() / k;
+            let (a, b) = (column as usize, column as usize + width);
+            if cols.len() % k != 0 || b > chunk as usize {
+                return Err(Retry::Fatal(ClientError::Protocol(format!(
+                    "write intent of {} bytes at column {column} does not fit stripe {s}",
+                    cols.len()
+                ))));
+            }
+            for (j, d) in data.iter_mut().enumerate() {
+                let mut m = BytesMut::from(&d[..]);
+                if m.len() < b {
+                    m.resize(b, 0);
+                }
+                m[a..b].copy_from_slice(&cols[j * width..(j + 1) * width]);
+                *d = m.freeze();
+            }
+        }
         let refs: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
         let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
         let writes = join_all(to.iter().map(|&m| {
