@@ -54,9 +54,24 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
     };
     // Step 2: every other live member fences it too.
     loop {
-        let t = m.topology();
+        let mut t = m.topology();
         let me = m.idx();
         let mut pending = false;
+        let newest = local.topology();
+        if newest.generation > t.generation {
+            // The member's TOMA has not applied the newest topology (it may never, for a
+            // DEAD member): tell the members that one lists as live.
+            t = newest;
+        }
+        if t.alive().is_empty() {
+            // The volume Failed: "every other live member" would be no one, and the
+            // members that come back would never hear of the fence — their TOMAs would keep
+            // the client's locks for good. Wait for the volume to come back.
+            local
+                .wait_generation(t.generation + 1, Duration::from_millis(500))
+                .await;
+            continue;
+        }
         for other in t.alive() {
             if other == me {
                 continue;
