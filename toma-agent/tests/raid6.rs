@@ -208,8 +208,30 @@ async fn a_writer_dead_mid_stripe_is_rolled_forward_from_its_intent() {
     let raw = |m: usize| &raws.iter().find(|(x, _)| *x == m).expect("live member").1;
     let lock_set = locks(&t, s);
     assert!(!lock_set.is_empty() && lock_set.iter().all(|m| !lost.contains(m)));
+    // Bad intents are refused and change nothing: of a stripe it does not hold, and of a
+    // size that is not k columns within a chunk.
+    let l0 = raw(lock_set[0]);
+    let bad = l0
+        .call(Message::Intent {
+            unit: s,
+            column: 0,
+            data: Bytes::from(vec![1u8; 4 * 4096]),
+        })
+        .await;
+    expect_error(&bad, toma_wire::ErrorCode::NotLockHolder);
     for &l in &lock_set {
         assert_eq!(raw(l).call(Message::Lock { unit: s }).await, Message::Ok);
+    }
+    for (column, len) in [(0u32, 4 * 4096 + 1), (CHUNK as u32 - 4096, 4 * 8192)] {
+        let bad = l0
+            .call(Message::Intent {
+                unit: s,
+                column,
+                data: Bytes::from(vec![1u8; len]),
+            })
+            .await;
+        let why = expect_error(&bad, toma_wire::ErrorCode::OutOfRange);
+        assert!(why.contains("INTENT") && why.contains("column"), "{why}");
     }
     let new0 = pattern(99, 0, CHUNK as usize);
     let mut intent = new0.to_vec();
