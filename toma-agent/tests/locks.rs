@@ -36,6 +36,17 @@ async fn a_held_lock_blocks_other_lockers_and_writers_until_unlock() {
         &other.call(Message::Unlock { unit }).await,
         ErrorCode::NotLockHolder,
     );
+    // A write intent is RAID6's: a RAID1 member refuses it, naming the volume's layout.
+    let why = expect_error(
+        &raw.call(Message::Intent {
+            unit,
+            column: 0,
+            data: bytes::Bytes::from_static(b"not RAID6"),
+        })
+        .await,
+        ErrorCode::Invalid,
+    );
+    assert!(why.contains("not RAID6"), "{why}");
 
     let before = c.member_contents(id).await;
     let a = client(&c, id).await;
