@@ -91,6 +91,15 @@ async fn verify_stripes(c: &LocalCluster, id: VolumeId, model: &[u8], when: &str
     }
 }
 
+/// A RAID6 4+2 volume named `name`, a client of it, and its model (all zero).
+async fn raid6_volume(c: &LocalCluster, name: &str) -> (VolumeId, VolumeClient, Vec<u8>) {
+    let id = c
+        .create_volume(name, Layout::raid6(K as u8).unwrap(), CHUNK, SIZE)
+        .await
+        .expect("volume created");
+    (id, client(c, id).await, vec![0u8; SIZE as usize])
+}
+
 async fn wait_normal(c: &LocalCluster, id: VolumeId, when: &str) {
     // Normal: every member RWL (`Topology::phase`).
     c.wait_topology(id, WAIT, |t| t.phase() == Phase::Normal)
@@ -101,12 +110,7 @@ async fn wait_normal(c: &LocalCluster, id: VolumeId, when: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raid6_survives_two_losses_and_rebuilds_both() {
     let (_dir, mut c) = cluster(6).await;
-    let id = c
-        .create_volume("r6", Layout::raid6(K as u8).unwrap(), CHUNK, SIZE)
-        .await
-        .expect("volume created");
-    let cl = client(&c, id).await;
-    let mut model = vec![0u8; SIZE as usize];
+    let (id, cl, mut model) = raid6_volume(&c, "r6").await;
     write_mix(&cl, &mut model, 0).await;
     read_all(&cl, &model, "normal").await;
     verify_stripes(&c, id, &model, "normal").await;
@@ -171,12 +175,7 @@ async fn a_writer_dead_mid_stripe_is_rolled_forward_from_its_intent() {
         ..LocalTimers::default()
     };
     let (_dir, mut c) = cluster_with(6, timers).await;
-    let id = c
-        .create_volume("r6-intent", Layout::raid6(K as u8).unwrap(), CHUNK, SIZE)
-        .await
-        .expect("volume created");
-    let cl = client(&c, id).await;
-    let mut model = vec![0u8; SIZE as usize];
+    let (id, cl, mut model) = raid6_volume(&c, "r6-intent").await;
     write(&cl, &mut model, 1, 0, SIZE as usize).await;
 
     // Stripe 0's data chunks 1 and 2 are lost.

@@ -14,4 +14,4 @@ pub mod session;
 pub mod volume;
 
 pub use error::ClientError;
-pub use volume::{ClientConfig, ClientStats, VolumeClient};
+pub use volume::{ClientConfig, ClientStats, CopyHow, VolumeClient};

@@ -76,13 +76,35 @@ pub struct ClientStats {
     pub switches: AtomicU64,
 }
 
-/// How [`Inner::copy_unit`] copies: the dirty bits to clear after, whether to take the unit's
-/// locks first (rebuild) or not (recovery: the fenced client's locks are still held), and a
-/// fenced RAID6 writer's intent (`column`, the k data chunks' columns).
-struct CopyHow<'a> {
+/// How [`VolumeClient::copy_unit`] copies.
+pub struct CopyHow<'a> {
     clear: Option<&'a DirtyMarks>,
     lock: bool,
     intent: Option<(u32, Bytes)>,
+}
+
+impl<'a> CopyHow<'a> {
+    /// Rebuild: take the unit's locks first, then clear the bits in `clear`.
+    pub fn rebuild(clear: Option<&'a DirtyMarks>) -> Self {
+        CopyHow {
+            clear,
+            lock: true,
+            intent: None,
+        }
+    }
+
+    /// Stale-lock recovery of a fenced client's unit, whose locks are still held for it: no
+    /// locking. For a RAID6 stripe, `intent` is the client's write intent (`INTENT`: its
+    /// first column, and the k data chunks' columns chunk after chunk); those columns are
+    /// written as it says instead of read, since the client may have written some shards
+    /// and not others.
+    pub fn recovery(intent: Option<(u32, Bytes)>) -> Self {
+        CopyHow {
+            clear: None,
+            lock: false,
+            intent,
+        }
+    }
 }
 
 struct Link {
@@ -401,58 +423,16 @@ impl VolumeClient {
     }
 
     /// Rebuild and recovery: copies `unit` from member `from` to the members `to` under
-    /// topology `t`, taking the unit's locks first when `lock` is true, then clears the
-    /// bits in `clear`. Returns the bytes copied per target.
+    /// topology `t` as `how` says (see [`CopyHow`]). Returns the bytes copied per target.
     pub async fn copy_unit(
         &self,
         t: &Topology,
         unit: u64,
         from: MemberIdx,
         to: &[MemberIdx],
-        clear: Option<&DirtyMarks>,
-        lock: bool,
+        how: CopyHow<'_>,
     ) -> Result<u64, ClientError> {
-        self.inner
-            .copy_unit(
-                t,
-                unit,
-                from,
-                to,
-                CopyHow {
-                    clear,
-                    lock,
-                    intent: None,
-                },
-            )
-            .await
-    }
-
-    /// Stale-lock recovery of a fenced client's `unit` (its locks still held for it):
-    /// [`copy_unit`](Self::copy_unit) without taking locks, where a RAID6 stripe's columns
-    /// `intent.0..` are the client's write intent (`INTENT`: the k data chunks' columns, chunk
-    /// after chunk) rather than what the members hold, since the client may have written
-    /// some shards and not others.
-    pub async fn recover_unit(
-        &self,
-        t: &Topology,
-        unit: u64,
-        from: MemberIdx,
-        to: &[MemberIdx],
-        intent: Option<(u32, Bytes)>,
-    ) -> Result<u64, ClientError> {
-        self.inner
-            .copy_unit(
-                t,
-                unit,
-                from,
-                to,
-                CopyHow {
-                    clear: None,
-                    lock: false,
-                    intent,
-                },
-            )
-            .await
+        self.inner.copy_unit(t, unit, from, to, how).await
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use toma_client::CopyHow;
 
 use toma_core::placement::{locks, read_member, recovery_targets, sets_dirty};
 use toma_wire::Message;
@@ -174,7 +175,10 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
             }
             if ok && !to.is_empty() {
                 let intent = rt.locks.intent(unit, client).map(|i| (i.column, i.data));
-                if let Err(e) = local.recover_unit(&t, unit, me, &to, intent).await {
+                if let Err(e) = local
+                    .copy_unit(&t, unit, me, &to, CopyHow::recovery(intent))
+                    .await
+                {
                     warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
                     ok = false;
                 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use toma_client::CopyHow;
 
 use toma_control::RebuildProgress;
 use toma_core::{DirtyMarks, Phase, Role};
@@ -189,7 +190,10 @@ async fn copy_units(
         }
         let mut tries = 0;
         loop {
-            match local.copy_unit(&t, unit, me, &targets, clear, true).await {
+            match local
+                .copy_unit(&t, unit, me, &targets, CopyHow::rebuild(clear))
+                .await
+            {
                 Ok(n) => {
                     bytes += n * targets.len() as u64;
                     break;

@@ -343,17 +343,7 @@ impl Inner {
         }))
         .await;
         // A write that reached some members and not others keeps its locks: it is redone.
-        for r in writes {
-            match r? {
-                Message::Ok => {}
-                other => {
-                    return Err(Retry::Fatal(ClientError::Protocol(format!(
-                        "WRITE answered with {:?}",
-                        other.kind()
-                    ))))
-                }
-            }
-        }
+        all_ok(writes, "WRITE")?;
         let unit_bytes = sp.chunk * sp.k as u64;
         if let Some(c) = clears_dirty_after(t, s, sp.lo, sp.hi - sp.lo, unit_bytes) {
             let _ = self.dirty(t, s, &c, false).await;
@@ -402,17 +392,7 @@ impl Inner {
             )
         }))
         .await;
-        for r in replies {
-            match r? {
-                Message::Ok => {}
-                other => {
-                    return Err(Retry::Fatal(ClientError::Protocol(format!(
-                        "INTENT answered with {:?}",
-                        other.kind()
-                    ))))
-                }
-            }
-        }
+        all_ok(replies, "INTENT")?;
         Ok(())
     }
 
@@ -486,4 +466,21 @@ impl Inner {
         }
         Ok(chunk)
     }
+}
+
+/// Every reply `Ok`: the first failure as it is, any other answer to `what` as a protocol
+/// error.
+fn all_ok(replies: Vec<Result<Message, Retry>>, what: &str) -> Result<(), Retry> {
+    for r in replies {
+        match r? {
+            Message::Ok => {}
+            other => {
+                return Err(Retry::Fatal(ClientError::Protocol(format!(
+                    "{what} answered with {:?}",
+                    other.kind()
+                ))))
+            }
+        }
+    }
+    Ok(())
 }
