@@ -112,6 +112,14 @@ pub fn rebuilder(t: &Topology) -> Option<MemberIdx> {
     t.members_with(Role::Rwl).next()
 }
 
+/// Whether a RAID6 write must first leave its intent (`INTENT`) with the stripe's lock
+/// members: while some member is not RWL. Stale-lock recovery then decodes at least one
+/// chunk, and a half-written stripe decodes into bytes no write wrote; with every member
+/// RWL it reads every data chunk and needs no intent.
+pub fn needs_intent(t: &Topology) -> bool {
+    t.count(Role::Rwl) < t.n()
+}
+
 /// Dirty bits a write of `unit` must set *before* it is acknowledged: when some member is
 /// DEAD, the write misses it, so its bit goes on in every RWL member's TOMA.
 pub fn sets_dirty(t: &Topology, unit: u64) -> Option<DirtyMarks> {
@@ -319,6 +327,25 @@ mod tests {
         // A 4 KiB write of a dirty 64 KiB chunk must leave its bit set.
         assert_eq!(clears_dirty_after(&t, 0, 4096, 4096, 65536), None);
         assert_eq!(clears_dirty_after(&t, 0, 0, 4096, 65536), None);
+    }
+
+    #[test]
+    fn an_intent_is_needed_while_a_member_is_not_rwl() {
+        let disks = crate::topology::tests::disks(6);
+        let mut t = Topology::new_normal(
+            crate::VolumeId(1),
+            crate::Layout::raid6(4).unwrap(),
+            65536,
+            disks,
+        )
+        .unwrap();
+        assert!(!needs_intent(&t));
+        t.members[2].role = Role::Dead;
+        assert!(needs_intent(&t));
+        t.members[2].role = Role::W;
+        assert!(needs_intent(&t));
+        t.members[2].role = Role::Rwl;
+        assert!(!needs_intent(&t));
     }
 
     #[test]

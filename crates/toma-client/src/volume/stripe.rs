@@ -17,8 +17,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use toma_core::placement::{
-    clears_dirty_after, locks, raid6_data_member, raid6_shard_of, raid6_sources, read_member,
-    sets_dirty, write_members,
+    clears_dirty_after, locks, needs_intent, raid6_data_member, raid6_shard_of, raid6_sources,
+    read_member, sets_dirty, write_members,
 };
 use toma_core::{DirtyMarks, DiskId, MemberIdx, Role, Topology};
 use toma_wire::Message;
@@ -368,7 +368,7 @@ impl Inner {
         ca: u64,
         cols: &[Bytes],
     ) -> Result<(), Retry> {
-        if t.members.iter().all(|m| m.role == Role::Rwl) {
+        if !needs_intent(t) {
             return Ok(());
         }
         let size: usize = cols.iter().map(Bytes::len).sum();
