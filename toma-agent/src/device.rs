@@ -13,12 +13,14 @@
 //! * The trait is **synchronous and blocking**. Implementations are `Send + Sync` and take
 //!   `&self`, so one device can be shared (`Arc<dyn BlockDevice>`) by many threads. From
 //!   tokio, call it inside `tokio::task::spawn_blocking` (or `block_in_place`); never call it
-//!   directly on an async worker thread for a real disk. [`MemDevice`] never blocks for long
+//!   directly on an async worker thread for a real disk. The datapath's reads and writes
+//!   use [`BlockDevice::file_fd`] with `io_uring` instead (see `Disk::read_member_io`). [`MemDevice`] never blocks for long
 //!   and may be called directly.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +28,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-/// Alignment of offsets, lengths and (for `O_DIRECT`) buffer addresses.
-pub const ALIGN: usize = 4096;
+/// [`ALIGN`]: alignment of offsets, lengths and (for `O_DIRECT`) buffer addresses.
+pub use toma_io::{AlignedBuf, ALIGN};
 
 /// What went wrong with a device. Every message names the device.
 #[derive(Debug, Error)]
@@ -91,6 +93,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn in_memory(&self) -> bool {
         false
     }
+    /// The open file behind the device, for asynchronous I/O on it (`io_uring`): its
+    /// reads and writes must mean the same as [`read_at`](Self::read_at) and
+    /// [`write_at`](Self::write_at) at the same offsets. `None`: only the blocking calls.
+    fn file_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// Checks alignment and bounds of an I/O; shared by the implementations.
@@ -119,69 +127,6 @@ pub fn check_io(
         });
     }
     Ok(())
-}
-
-/// A zeroed byte buffer whose start is aligned to [`ALIGN`], built without `unsafe`: it
-/// over-allocates a `Vec` and uses the aligned window inside it.
-#[derive(Clone)]
-pub struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (`len` should be a multiple of [`ALIGN`]).
-    pub fn zeroed(len: usize) -> Self {
-        let raw = vec![0u8; len + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        // `align_offset` may return usize::MAX only for impossible alignments; 4096 is a
-        // power of two and the allocation has ALIGN bytes of slack, so start < ALIGN.
-        let start = if start < ALIGN { start } else { 0 };
-        AlignedBuf { raw, start, len }
-    }
-    /// An aligned copy of `data`, without zeroing the buffer first (only the < ALIGN bytes
-    /// of slack before the aligned start are written twice).
-    pub fn copy_of(data: &[u8]) -> Self {
-        let mut raw: Vec<u8> = Vec::with_capacity(data.len() + ALIGN);
-        let start = raw.as_ptr().align_offset(ALIGN);
-        let start = if start < ALIGN { start } else { 0 };
-        // Within the capacity: the allocation does not move, so `start` stays aligned.
-        raw.resize(start, 0);
-        raw.extend_from_slice(data);
-        AlignedBuf {
-            raw,
-            start,
-            len: data.len(),
-        }
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// The buffer as `Bytes`, without copying (the aligned window of the allocation).
-    pub fn into_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from(self.raw).slice(self.start..self.start + self.len)
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-}
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
-    }
 }
 
 fn is_aligned(buf: &[u8]) -> bool {
@@ -373,6 +318,9 @@ impl BlockDevice for FileDevice {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("write", offset, e))
+    }
+    fn file_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
     }
     fn flush(&self) -> Result<(), DeviceError> {
         self.file

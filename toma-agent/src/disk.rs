@@ -11,7 +11,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use toma_core::{DiskId, Generation, MemberIdx, VolumeId};
 
-use crate::device::BlockDevice;
+use bytes::Bytes;
+use toma_io::{AlignedBuf, Ring};
+
+use crate::device::{check_io, BlockDevice, DeviceError};
 use crate::state::MemberRuntime;
 use crate::superblock::{
     self, ClusterId, Extent, MemberState, Overwrite, Superblock, SuperblockError, MAX_EXTENTS,
@@ -36,6 +39,37 @@ pub struct Disk {
     /// (which takes it exclusively) waits for the writes in flight and no write lands after
     /// the final flush.
     detached: parking_lot::RwLock<bool>,
+    /// Data writes in flight through the ring (they cannot hold `detached` across their
+    /// wait); a detach waits for this to drop to zero.
+    ring_writes: Mutex<u64>,
+    ring_writes_done: parking_lot::Condvar,
+    /// The `io_uring` instance for this disk's data I/O, made on first use (see
+    /// [`Disk::read_member_io`]); `Off` where the kernel or the operator refuses it.
+    ring: Mutex<RingState>,
+}
+
+#[derive(Debug)]
+enum RingState {
+    Unset,
+    On(Arc<Ring>),
+    Off,
+}
+
+/// `TOMA_IO=threads` makes every agent of the process do data I/O on tokio's blocking
+/// threads instead of `io_uring` (for comparison, or a kernel whose `io_uring` misbehaves).
+pub const IO_ENV: &str = "TOMA_IO";
+
+/// Counts one ring write in flight; a detach waits until every one is dropped.
+struct RingWrite<'a>(&'a Disk);
+
+impl Drop for RingWrite<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.ring_writes.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.0.ring_writes_done.notify_all();
+        }
+    }
 }
 
 impl Disk {
@@ -96,6 +130,9 @@ impl Disk {
             alloc: Mutex::new(()),
             lost_writes: Mutex::new(BTreeSet::new()),
             detached: parking_lot::RwLock::new(false),
+            ring_writes: Mutex::new(0),
+            ring_writes_done: parking_lot::Condvar::new(),
+            ring: Mutex::new(RingState::Unset),
         }
     }
 
@@ -132,6 +169,12 @@ impl Disk {
             return Ok(());
         }
         *gate = true;
+        drop(gate);
+        let mut n = self.ring_writes.lock();
+        while *n > 0 {
+            self.ring_writes_done.wait(&mut n);
+        }
+        drop(n);
         let mut sb = self.sb.lock();
         superblock::detach(self.dev.as_ref(), &mut sb)
     }
@@ -240,6 +283,125 @@ impl Disk {
         let at = self.member_offset(volume, member, offset, buf.len())?;
         let _gate = self.write_gate()?;
         Ok(self.dev.write_at(buf, at)?)
+    }
+
+    /// This disk's ring, made on first use; `None` for in-memory devices, devices without
+    /// a file, with `TOMA_IO=threads`, or where `io_uring` cannot be set up (logged once).
+    fn ring(&self) -> Option<Arc<Ring>> {
+        if self.dev.in_memory() || self.dev.file_fd().is_none() {
+            return None;
+        }
+        let mut r = self.ring.lock();
+        match &*r {
+            RingState::On(ring) if ring.alive() => return Some(ring.clone()),
+            RingState::Off => return None,
+            // Unset, or its runtime shut down (an agent restarted in-process): a new one.
+            _ => {}
+        }
+        if std::env::var(IO_ENV).is_ok_and(|v| v == "threads") {
+            *r = RingState::Off;
+            return None;
+        }
+        match Ring::new() {
+            Ok(ring) => {
+                let ring = Arc::new(ring);
+                *r = RingState::On(ring.clone());
+                Some(ring)
+            }
+            Err(e) => {
+                tracing::warn!(disk = %self.name(), error = %e, "io_uring unavailable; data I/O runs on blocking threads");
+                *r = RingState::Off;
+                None
+            }
+        }
+    }
+
+    /// [`read_member`](Self::read_member) of `len` bytes into a new aligned buffer, from
+    /// async code: through `io_uring` for a file, inline for an in-memory device, on a
+    /// blocking thread otherwise.
+    pub async fn read_member_io(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        len: usize,
+    ) -> Result<AlignedBuf, SuperblockError> {
+        let Some(ring) = self.ring() else {
+            let read = {
+                let d = self.clone();
+                move || {
+                    let mut buf = AlignedBuf::zeroed(len);
+                    d.read_member(volume, member, offset, &mut buf).map(|_| buf)
+                }
+            };
+            return self.blocking(read).await;
+        };
+        let at = self.member_offset(volume, member, offset, len)?;
+        check_io(self.dev.as_ref(), "read", at, len)?;
+        let fd = self
+            .dev
+            .file_fd()
+            .ok_or_else(|| self.io_failed("read", at, "no file"))?;
+        ring.read_at(fd, AlignedBuf::zeroed(len), at)
+            .await
+            .map_err(|e| self.device_err("read", at, e))
+    }
+
+    /// [`write_member`](Self::write_member) from async code, like
+    /// [`read_member_io`](Self::read_member_io).
+    pub async fn write_member_io(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        member: MemberIdx,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), SuperblockError> {
+        let Some(ring) = self.ring() else {
+            let d = self.clone();
+            return self
+                .blocking(move || d.write_member(volume, member, offset, &data))
+                .await;
+        };
+        let at = self.member_offset(volume, member, offset, data.len())?;
+        check_io(self.dev.as_ref(), "write", at, data.len())?;
+        let fd = self
+            .dev
+            .file_fd()
+            .ok_or_else(|| self.io_failed("write", at, "no file"))?;
+        let _counted = {
+            let _gate = self.write_gate()?;
+            *self.ring_writes.lock() += 1;
+            RingWrite(self)
+        };
+        ring.write_at(fd, AlignedBuf::copy_of(&data), at)
+            .await
+            .map_err(|e| self.device_err("write", at, e))
+    }
+
+    /// Runs blocking disk work: inline for an in-memory device, else on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, SuperblockError> + Send + 'static,
+    ) -> Result<T, SuperblockError> {
+        if self.dev.in_memory() {
+            return f();
+        }
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| self.io_failed("I/O", 0, &e.to_string()))?
+    }
+
+    fn device_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> SuperblockError {
+        SuperblockError::Device(DeviceError::Io {
+            device: self.name().to_string(),
+            op,
+            offset,
+            source,
+        })
+    }
+
+    fn io_failed(&self, op: &'static str, offset: u64, why: &str) -> SuperblockError {
+        self.device_err(op, offset, std::io::Error::other(why.to_string()))
     }
 
     /// Makes every completed write to this disk durable. Blocking.

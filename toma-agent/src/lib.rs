@@ -10,8 +10,13 @@
 //! * [`state`]: [`LockTable`] and [`DirtyBitmap`] ([`MemberRuntime`] holds one of each).
 //! * [`disks`]: [`Disks`], the registry opened at start from [`cli::DiskArgs`].
 //!
+//! Data reads and writes of file disks go through `io_uring` ([`Disk::read_member_io`],
+//! `toma-io`); `TOMA_IO=threads` puts them on tokio's blocking threads instead.
+//!
 //! The crate has no `unsafe` at all: aligned buffers are carved out of a `Vec` with
-//! `align_offset`, `O_DIRECT` is an `OpenOptions` flag and `flock` comes from `rustix`.
+//! `align_offset` (in `toma-io`, which also holds the one `unsafe` of the project: handing
+//! buffers to the kernel's ring), `O_DIRECT` is an `OpenOptions` flag and `flock` comes
+//! from `rustix`.
 #![forbid(unsafe_code)]
 
 pub mod cli;

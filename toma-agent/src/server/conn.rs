@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::member::{ClientEntry, Member};
 use super::{disk_io, fence, AgentInner};
-use crate::device::{AlignedBuf, ALIGN};
+use crate::device::ALIGN;
 use crate::state::{ClientId, StateError};
 use crate::superblock::SuperblockError;
 
@@ -298,18 +298,14 @@ async fn read(agent: &AgentInner, m: &Member, offset: u64, len: u32) -> Result<B
             ),
         ));
     }
-    let (disk, vol, idx) = (m.disk.clone(), m.volume, m.idx());
-    let d = disk.clone();
-    let res = disk_io(&d, move || {
-        // Aligned, so an O_DIRECT device reads straight into it (no bounce buffer and copy).
-        let mut buf = AlignedBuf::zeroed(len as usize);
-        disk.read_member(vol, idx, offset, &mut buf).map(|_| buf)
-    })
-    .await;
-    match res {
-        Ok(Ok(buf)) => Ok(buf.into_bytes()),
-        Ok(Err(e)) => Err(io_err(agent, m, e)),
-        Err(e) => Err(err(ErrorCode::Io, e)),
+    // Aligned, so an O_DIRECT device reads straight into it (no bounce buffer and copy).
+    match m
+        .disk
+        .read_member_io(m.volume, m.idx(), offset, len as usize)
+        .await
+    {
+        Ok(buf) => Ok(buf.into_bytes()),
+        Err(e) => Err(io_err(agent, m, e)),
     }
 }
 
@@ -444,17 +440,17 @@ async fn handle(
                     ),
                 );
             }
-            let (disk, vol, idx, off, data) =
-                (m.disk.clone(), m.volume, m.idx(), *offset, data.clone());
             // Re-check the fence right before the write lands.
             if rt.locks.is_fenced(client) {
                 return err(ErrorCode::Fenced, "this client is fenced here");
             }
-            let d = disk.clone();
-            match disk_io(&d, move || disk.write_member(vol, idx, off, &data)).await {
-                Ok(Ok(())) => Message::Ok,
-                Ok(Err(e)) => io_err(agent, m, e),
-                Err(e) => err(ErrorCode::Io, e),
+            match m
+                .disk
+                .write_member_io(m.volume, m.idx(), *offset, data.clone())
+                .await
+            {
+                Ok(()) => Message::Ok,
+                Err(e) => io_err(agent, m, e),
             }
         }
         Message::Lock { unit } => {
