@@ -14,13 +14,12 @@
 //!   `&self`, so one device can be shared (`Arc<dyn BlockDevice>`) by many threads. From
 //!   tokio, call it inside `tokio::task::spawn_blocking` (or `block_in_place`); never call it
 //!   directly on an async worker thread for a real disk. The datapath's reads and writes
-//!   use [`BlockDevice::file_fd`] with `io_uring` instead (see `Disk::read_member_io`). [`MemDevice`] never blocks for long
+//!   use [`BlockDevice::file`] with `io_uring` instead (see `Disk::read_member_io`). [`MemDevice`] never blocks for long
 //!   and may be called directly.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,7 +95,7 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// The open file behind the device, for asynchronous I/O on it (`io_uring`): its
     /// reads and writes must mean the same as [`read_at`](Self::read_at) and
     /// [`write_at`](Self::write_at) at the same offsets. `None`: only the blocking calls.
-    fn file_fd(&self) -> Option<BorrowedFd<'_>> {
+    fn file(&self) -> Option<Arc<File>> {
         None
     }
 }
@@ -145,7 +144,7 @@ pub enum IoMode {
 /// A regular file or a block device, locked exclusively (`flock`) for this process.
 #[derive(Debug)]
 pub struct FileDevice {
-    file: File,
+    file: Arc<File>,
     name: String,
     path: PathBuf,
     size: u64,
@@ -212,7 +211,7 @@ impl FileDevice {
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         tracing::info!(disk = %path.display(), size, ?mode, "opened disk");
         Ok(FileDevice {
-            file,
+            file: Arc::new(file),
             name: path.display().to_string(),
             path: path.to_path_buf(),
             size,
@@ -319,8 +318,8 @@ impl BlockDevice for FileDevice {
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("write", offset, e))
     }
-    fn file_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.file.as_fd())
+    fn file(&self) -> Option<Arc<File>> {
+        Some(self.file.clone())
     }
     fn flush(&self) -> Result<(), DeviceError> {
         self.file

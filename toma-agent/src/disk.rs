@@ -288,7 +288,7 @@ impl Disk {
     /// This disk's ring, made on first use; `None` for in-memory devices, devices without
     /// a file, with `TOMA_IO=threads`, or where `io_uring` cannot be set up (logged once).
     fn ring(&self) -> Option<Arc<Ring>> {
-        if self.dev.in_memory() || self.dev.file_fd().is_none() {
+        if self.dev.in_memory() || self.dev.file().is_none() {
             return None;
         }
         let mut r = self.ring.lock();
@@ -338,11 +338,11 @@ impl Disk {
         };
         let at = self.member_offset(volume, member, offset, len)?;
         check_io(self.dev.as_ref(), "read", at, len)?;
-        let fd = self
+        let file = self
             .dev
-            .file_fd()
+            .file()
             .ok_or_else(|| self.io_failed("read", at, "no file"))?;
-        ring.read_at(fd, AlignedBuf::zeroed(len), at)
+        ring.read_at(&file, AlignedBuf::zeroed(len), at)
             .await
             .map_err(|e| self.device_err("read", at, e))
     }
@@ -364,16 +364,16 @@ impl Disk {
         };
         let at = self.member_offset(volume, member, offset, data.len())?;
         check_io(self.dev.as_ref(), "write", at, data.len())?;
-        let fd = self
+        let file = self
             .dev
-            .file_fd()
+            .file()
             .ok_or_else(|| self.io_failed("write", at, "no file"))?;
         let _counted = {
             let _gate = self.write_gate()?;
             *self.ring_writes.lock() += 1;
             RingWrite(self)
         };
-        ring.write_at(fd, AlignedBuf::copy_of(&data), at)
+        ring.write_at(&file, AlignedBuf::copy_of(&data), at)
             .await
             .map_err(|e| self.device_err("write", at, e))
     }

@@ -1,7 +1,7 @@
 //! [`Ring`]: positioned reads and writes through `io_uring`, awaited from tokio.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Weak};
 
 use io_uring::{opcode, types, IoUring};
@@ -72,6 +72,8 @@ impl std::fmt::Debug for State {
 
 struct Slot {
     buf: AlignedBuf,
+    /// The file, kept open until the kernel is done with the request.
+    _file: Arc<dyn AsFd + Send + Sync>,
     tx: oneshot::Sender<Done>,
 }
 
@@ -121,37 +123,39 @@ impl Ring {
         !self.reaper.is_finished()
     }
 
-    /// Reads `buf.len()` bytes at `offset` of `fd` into `buf`, and returns it. A read that
-    /// ends early (end of file) is an `UnexpectedEof` error.
-    pub async fn read_at(
+    /// Reads `buf.len()` bytes at `offset` of `file` into `buf`, and returns it. A read
+    /// that ends early (end of file) is an `UnexpectedEof` error.
+    pub async fn read_at<F: AsFd + Send + Sync + 'static>(
         &self,
-        fd: BorrowedFd<'_>,
+        file: &Arc<F>,
         buf: AlignedBuf,
         offset: u64,
     ) -> io::Result<AlignedBuf> {
-        self.run(Op::Read, fd, buf, offset).await
+        self.run(Op::Read, file.clone(), buf, offset).await
     }
 
-    /// Writes all of `buf` at `offset` of `fd`.
-    pub async fn write_at(
+    /// Writes all of `buf` at `offset` of `file`.
+    pub async fn write_at<F: AsFd + Send + Sync + 'static>(
         &self,
-        fd: BorrowedFd<'_>,
+        file: &Arc<F>,
         buf: AlignedBuf,
         offset: u64,
     ) -> io::Result<()> {
-        self.run(Op::Write, fd, buf, offset).await.map(|_| ())
+        self.run(Op::Write, file.clone(), buf, offset)
+            .await
+            .map(|_| ())
     }
 
     async fn run(
         &self,
         op: Op,
-        fd: BorrowedFd<'_>,
+        file: Arc<dyn AsFd + Send + Sync>,
         mut buf: AlignedBuf,
         offset: u64,
     ) -> io::Result<AlignedBuf> {
         let mut done = 0usize;
         while done < buf.len() {
-            let rx = self.submit(op, fd, buf, done, offset)?;
+            let rx = self.submit(op, file.clone(), buf, done, offset)?;
             let Done { res, buf: back } = rx
                 .await
                 .map_err(|_| io::Error::other("the I/O ring was closed"))?;
@@ -159,7 +163,12 @@ impl Ring {
             if res < 0 {
                 let e = io::Error::from_raw_os_error(-res);
                 match e.kind() {
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
+                    io::ErrorKind::Interrupted => continue,
+                    // The kernel did not wait (a full device queue): retrying at once could
+                    // spin, so the rest is done by a blocking call on a blocking thread.
+                    io::ErrorKind::WouldBlock => {
+                        return blocking_rest(op, file, buf, done, offset).await;
+                    }
                     _ => return Err(e),
                 }
             }
@@ -185,7 +194,7 @@ impl Ring {
     fn submit(
         &self,
         op: Op,
-        fd: BorrowedFd<'_>,
+        file: Arc<dyn AsFd + Send + Sync>,
         mut buf: AlignedBuf,
         done: usize,
         offset: u64,
@@ -193,7 +202,7 @@ impl Ring {
         let len = u32::try_from(buf.len() - done)
             .map_err(|_| io::Error::other("one request is limited to 4 GiB"))?;
         let at = offset + done as u64;
-        let fd = types::Fd(fd.as_fd().as_raw_fd());
+        let fd = types::Fd(file.as_fd().as_raw_fd());
         let ptr = buf.as_mut_ptr().wrapping_add(done);
         let shared = &*self.shared;
         let mut st = shared.state.lock();
@@ -203,13 +212,18 @@ impl Ring {
             )));
         }
         let (tx, rx) = oneshot::channel();
+        let slot = Slot {
+            buf,
+            _file: file,
+            tx,
+        };
         let id = match st.free.pop() {
             Some(id) => {
-                st.slots[id] = Some(Slot { buf, tx });
+                st.slots[id] = Some(slot);
                 id
             }
             None => {
-                st.slots.push(Some(Slot { buf, tx }));
+                st.slots.push(Some(slot));
                 st.slots.len() - 1
             }
         };
@@ -222,11 +236,10 @@ impl Ring {
         .user_data(id as u64);
         loop {
             // SAFETY: the submission queue is only touched under `state`'s lock, held here.
-            // The entry points into the buffer now owned by slot `id`; the slot keeps it
-            // (its heap allocation does not move with it) until the completion with
-            // user_data `id` is reaped, and nobody else touches it meanwhile. The file
-            // descriptor is valid for this call, and the kernel takes its own reference
-            // to the file when the entry is submitted, below, before we return.
+            // The entry points into the buffer now owned by slot `id`, and names the file
+            // the slot keeps open; the slot keeps both (the buffer's heap allocation does
+            // not move with it) until the completion with user_data `id` is reaped, and
+            // nobody else touches the buffer meanwhile.
             let pushed = unsafe { shared.ring.submission_shared().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -252,6 +265,49 @@ impl Ring {
             }
             Err(e) => Err(shared.fail(&mut shared.state.lock(), e)),
         }
+    }
+}
+
+/// Does `buf[done..]` at `offset + done` with blocking `pread`/`pwrite` on a blocking
+/// thread, and returns the buffer.
+async fn blocking_rest(
+    op: Op,
+    file: Arc<dyn AsFd + Send + Sync>,
+    mut buf: AlignedBuf,
+    mut done: usize,
+    offset: u64,
+) -> io::Result<AlignedBuf> {
+    tokio::task::spawn_blocking(move || {
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let n = match op {
+                Op::Read => rustix::io::pread(&file, &mut buf[done..], at),
+                Op::Write => rustix::io::pwrite(&file, &buf[done..], at),
+            };
+            match n {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{op} ended early: {done} of {} bytes", buf.len()),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(e) if e == rustix::io::Errno::INTR || e == rustix::io::Errno::AGAIN => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(buf)
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("blocking I/O thread: {e}")))?
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+        })
     }
 }
 
@@ -293,7 +349,7 @@ impl Shared {
         // SAFETY: the completion queue is only touched under `state`'s lock (`st`).
         for cqe in unsafe { self.ring.completion_shared() } {
             let id = cqe.user_data() as usize;
-            if let Some(Slot { buf, tx }) = st.slots.get_mut(id).and_then(Option::take) {
+            if let Some(Slot { buf, tx, .. }) = st.slots.get_mut(id).and_then(Option::take) {
                 st.free.push(id);
                 st.in_flight -= 1;
                 out.push((

@@ -2,7 +2,6 @@
 //! dropped request does not disturb the others, and errors name what went wrong.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use toma_io::{AlignedBuf, Ring, ALIGN};
@@ -38,7 +37,7 @@ async fn concurrent_writes_and_reads_round_trip() {
             let writes = (t..blocks).step_by(8).map(|b| {
                 let (ring, file) = (ring.clone(), file.clone());
                 async move {
-                    ring.write_at(file.as_fd(), pattern(b), b * ALIGN as u64)
+                    ring.write_at(&file, pattern(b), b * ALIGN as u64)
                         .await
                         .map_err(|e| format!("block {b}: {e}"))
                 }
@@ -59,17 +58,13 @@ async fn concurrent_writes_and_reads_round_trip() {
     // And read back through the ring, a multi-block read among them.
     for b in 0..blocks {
         let got = ring
-            .read_at(file.as_fd(), AlignedBuf::zeroed(ALIGN), b * ALIGN as u64)
+            .read_at(&file, AlignedBuf::zeroed(ALIGN), b * ALIGN as u64)
             .await
             .expect("read");
         assert_eq!(got[..], pattern(b)[..], "block {b} read through the ring");
     }
     let two = ring
-        .read_at(
-            file.as_fd(),
-            AlignedBuf::zeroed(2 * ALIGN),
-            10 * ALIGN as u64,
-        )
+        .read_at(&file, AlignedBuf::zeroed(2 * ALIGN), 10 * ALIGN as u64)
         .await
         .expect("two-block read");
     assert_eq!(two[..ALIGN], pattern(10)[..]);
@@ -88,14 +83,11 @@ async fn a_read_past_the_end_fails_and_a_dropped_request_harms_nothing() {
         .open(&path)
         .expect("create");
     file.set_len(4 * ALIGN as u64).expect("size");
+    let file = std::sync::Arc::new(file);
     let ring = Ring::new().expect("io_uring is available here");
 
     let e = ring
-        .read_at(
-            file.as_fd(),
-            AlignedBuf::zeroed(2 * ALIGN),
-            3 * ALIGN as u64,
-        )
+        .read_at(&file, AlignedBuf::zeroed(2 * ALIGN), 3 * ALIGN as u64)
         .await
         .expect_err("half of it is past the end");
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
@@ -104,14 +96,14 @@ async fn a_read_past_the_end_fails_and_a_dropped_request_harms_nothing() {
     // A write whose future is dropped right after it was submitted still lands whole (the
     // ring kept its buffer), and the ring goes on serving.
     {
-        let fut = ring.write_at(file.as_fd(), pattern(2), 2 * ALIGN as u64);
+        let fut = ring.write_at(&file, pattern(2), 2 * ALIGN as u64);
         let mut fut = Box::pin(fut);
         let _ = futures_poll_once(fut.as_mut()).await;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let got = ring
-            .read_at(file.as_fd(), AlignedBuf::zeroed(ALIGN), 2 * ALIGN as u64)
+            .read_at(&file, AlignedBuf::zeroed(ALIGN), 2 * ALIGN as u64)
             .await
             .expect("read");
         if got[..] == pattern(2)[..] {
@@ -129,9 +121,9 @@ async fn a_read_past_the_end_fails_and_a_dropped_request_harms_nothing() {
     }
 
     // A file descriptor that is not open for writing: the error comes back, named.
-    let ro = std::fs::File::open(&path).expect("open read-only");
+    let ro = std::sync::Arc::new(std::fs::File::open(&path).expect("open read-only"));
     let e = ring
-        .write_at(ro.as_fd(), pattern(0), 0)
+        .write_at(&ro, pattern(0), 0)
         .await
         .expect_err("read-only descriptor");
     assert_eq!(e.raw_os_error(), Some(9), "EBADF: {e}");
