@@ -60,6 +60,37 @@ pub struct LocalCluster {
     nodes: Vec<Node>,
     leader_stop: tokio::sync::watch::Sender<bool>,
     leader: Option<tokio::task::JoinHandle<()>>,
+    /// Each agent on a runtime of its own (one thread), as separate agent processes
+    /// would be; `None`: agents share the caller's runtime.
+    agent_threads: Option<Vec<AgentThread>>,
+}
+
+/// A current-thread tokio runtime on a thread of its own, for one agent. Dropping it stops
+/// the runtime (its tasks are cancelled) and lets the thread end.
+struct AgentThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl AgentThread {
+    fn start(name: &str) -> std::io::Result<AgentThread> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("agent-{name}"))
+            .spawn(move || {
+                // Runs the agent's tasks until the cluster lets go of this thread.
+                let _ = rt.block_on(stopped);
+                rt.shutdown_background();
+            })?;
+        Ok(AgentThread {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 fn random_u128() -> u128 {
@@ -77,6 +108,30 @@ impl LocalCluster {
         disks_per_node: usize,
         disk_size: u64,
         timers: LocalTimers,
+    ) -> std::io::Result<LocalCluster> {
+        Self::start_inner(dir, nodes, disks_per_node, disk_size, timers, false).await
+    }
+
+    /// Like [`start`](Self::start), with each agent on a tokio runtime of its own (one
+    /// thread each), as separate agent processes on separate nodes would run, instead of on
+    /// the caller's runtime. For measurements (`toma bench`, `toma nbd`).
+    pub async fn start_on_own_threads(
+        dir: &Path,
+        nodes: usize,
+        disks_per_node: usize,
+        disk_size: u64,
+        timers: LocalTimers,
+    ) -> std::io::Result<LocalCluster> {
+        Self::start_inner(dir, nodes, disks_per_node, disk_size, timers, true).await
+    }
+
+    async fn start_inner(
+        dir: &Path,
+        nodes: usize,
+        disks_per_node: usize,
+        disk_size: u64,
+        timers: LocalTimers,
+        own_threads: bool,
     ) -> std::io::Result<LocalCluster> {
         let cp = Arc::new(EmbeddedControlPlane::new());
         let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
@@ -117,6 +172,7 @@ impl LocalCluster {
             nodes: list,
             leader_stop,
             leader: None,
+            agent_threads: own_threads.then(Vec::new),
         };
         for i in 0..nodes {
             c.start_agent(i).await?;
@@ -200,14 +256,26 @@ impl LocalCluster {
         acfg.ack_timeout = self.timers.ack_timeout;
         acfg.reconnect_grace = self.timers.reconnect_grace;
         acfg.restart_grace = self.timers.restart_grace;
-        let h = Agent::start(
+        let start = Agent::start(
             acfg,
             disks,
             self.cp.clone(),
             self.transport.clone(),
             self.clock.clone(),
-        )
-        .await?;
+        );
+        let h = match &mut self.agent_threads {
+            None => start.await?,
+            Some(threads) => {
+                while threads.len() <= i {
+                    threads.push(AgentThread::start(&format!("node{}", threads.len() + 1))?);
+                }
+                threads[i]
+                    .handle
+                    .spawn(start)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("agent start: {e}")))??
+            }
+        };
         self.nodes[i].agent = Some(h);
         Ok(())
     }

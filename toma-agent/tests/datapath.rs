@@ -51,7 +51,22 @@ async fn node_of(c: &LocalCluster, id: VolumeId, m: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_read_degrade_and_rebuild_only_dirty_chunks() {
-    let (_dir, mut c) = cluster(3).await;
+    let (_dir, c) = cluster(3).await;
+    degrade_and_rebuild(c).await;
+}
+
+/// The same life cycle with every agent on a runtime (and thread) of its own, the shape
+/// `toma bench` and `toma nbd` use: a killed agent's thread serves its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_their_own_threads_degrade_and_rebuild() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = LocalCluster::start_on_own_threads(dir.path(), 3, 1, 64 * MIB, LocalTimers::default())
+        .await
+        .expect("cluster starts");
+    degrade_and_rebuild(c).await;
+}
+
+async fn degrade_and_rebuild(mut c: LocalCluster) {
     let id = c
         .create_volume("v", Layout::raid1(2).unwrap(), CHUNK, 32 * CHUNK)
         .await

@@ -265,9 +265,15 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> Result<()> {
 
     // Toma: the agents, a RAID1 volume (and in RAID6 mode a RAID6 one), each served by the
     // NBD server in this process.
-    let cluster = LocalCluster::start(&cluster_dir, nodes, 1, disk_size, LocalTimers::default())
-        .await
-        .context("starting the local cluster")?;
+    let cluster = LocalCluster::start_on_own_threads(
+        &cluster_dir,
+        nodes,
+        1,
+        disk_size,
+        LocalTimers::default(),
+    )
+    .await
+    .context("starting the local cluster")?;
     let mut clients = Vec::new();
     let mut servers = Vec::new();
     let mut uris = Vec::new();

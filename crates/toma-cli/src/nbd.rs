@@ -88,7 +88,7 @@ async fn serve(args: NbdArgs) -> Result<()> {
     }
     let size = args.size * 1024 * 1024;
     let layout = Layout::raid1(args.mirrors).map_err(anyhow::Error::msg)?;
-    let cluster = LocalCluster::start(
+    let cluster = LocalCluster::start_on_own_threads(
         &args.local,
         usize::from(args.mirrors),
         1,
