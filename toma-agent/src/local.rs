@@ -74,7 +74,10 @@ struct AgentThread {
 
 impl AgentThread {
     fn start(name: &str) -> std::io::Result<AgentThread> {
+        // Blocking threads: flushes and superblock updates (data I/O uses io_uring); 16
+        // bounds them where io_uring is off (TOMA_IO=threads), 512 would thrash 2 cores.
         let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(16)
             .enable_all()
             .build()?;
         let handle = rt.handle().clone();

@@ -54,11 +54,12 @@ pub struct BenchArgs {
     /// Scratch directory (default: a temporary one, removed at the end).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Tokio worker threads for the in-process cluster and NBD server (0: current-thread).
+    /// Tokio worker threads for the client and the NBD server (0: current-thread); each
+    /// embedded agent runs on a runtime of its own thread.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Most threads doing the agents' blocking disk I/O at once.
-    /// (Measured on 2 cores: 8-16 beat tokio's default of 512, which thrashes.)
+    /// Most threads doing blocking disk work at once: flushes and superblock updates, and
+    /// data I/O only with TOMA_IO=threads or without io_uring (data I/O uses io_uring).
     #[arg(long, default_value_t = 16)]
     pub blocking_threads: usize,
     /// Only these workloads (comma-separated names, e.g. randread-4k-qd32).

@@ -45,12 +45,12 @@ pub struct NbdArgs {
     /// RAID1 mirrors (2 or 3), one agent each.
     #[arg(long, default_value_t = 2)]
     pub mirrors: u8,
-    /// Tokio worker threads (the agents, the client and the NBD server share them; 0: one
-    /// current-thread runtime).
+    /// Tokio worker threads for the client and the NBD server (0: one current-thread
+    /// runtime); each embedded agent runs on a runtime of its own thread.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Most threads doing the agents' blocking disk I/O at once.
-    /// (Measured on 2 cores: 8-16 beat tokio's default of 512, which thrashes.)
+    /// Most threads doing blocking disk work at once: flushes and superblock updates, and
+    /// data I/O only with TOMA_IO=threads or without io_uring (data I/O uses io_uring).
     #[arg(long, default_value_t = 16)]
     pub blocking_threads: usize,
 }
