@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use toma_io::{AlignedBuf, Ring, ALIGN};
 
@@ -13,8 +14,8 @@ fn pattern(block: u64) -> AlignedBuf {
     AlignedBuf::copy_of(&data)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writes_and_reads_round_trip() {
+/// A zeroed file of `blocks` blocks in a new temporary directory (kept while the guard is).
+fn disk_file(blocks: u64) -> (tempfile::TempDir, std::path::PathBuf, Arc<std::fs::File>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("disk.img");
     let file = OpenOptions::new()
@@ -24,10 +25,15 @@ async fn concurrent_writes_and_reads_round_trip() {
         .truncate(true)
         .open(&path)
         .expect("create");
-    let blocks = 512u64;
     file.set_len(blocks * ALIGN as u64).expect("size");
-    let file = std::sync::Arc::new(file);
-    let ring = std::sync::Arc::new(Ring::new().expect("io_uring is available here"));
+    (dir, path, Arc::new(file))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_and_reads_round_trip() {
+    let blocks = 512u64;
+    let (_dir, _, file) = disk_file(blocks);
+    let ring = Arc::new(Ring::new().expect("io_uring is available here"));
 
     // 512 writes in flight at once from 8 tasks: more than the ring's depth.
     let mut tasks = Vec::new();
@@ -73,17 +79,7 @@ async fn concurrent_writes_and_reads_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_past_the_end_fails_and_a_dropped_request_harms_nothing() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("disk.img");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("create");
-    file.set_len(4 * ALIGN as u64).expect("size");
-    let file = std::sync::Arc::new(file);
+    let (_dir, path, file) = disk_file(4);
     let ring = Ring::new().expect("io_uring is available here");
 
     let e = ring
@@ -121,7 +117,7 @@ async fn a_read_past_the_end_fails_and_a_dropped_request_harms_nothing() {
     }
 
     // A file descriptor that is not open for writing: the error comes back, named.
-    let ro = std::sync::Arc::new(std::fs::File::open(&path).expect("open read-only"));
+    let ro = Arc::new(std::fs::File::open(&path).expect("open read-only"));
     let e = ring
         .write_at(&ro, pattern(0), 0)
         .await
