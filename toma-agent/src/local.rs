@@ -391,6 +391,37 @@ impl LocalCluster {
         }
     }
 
+    /// Waits until the TOMA of every member of the volume has learned it (reported a status),
+    /// up to `max`: a client attached before then is told "no member on node …" once.
+    pub async fn wait_served(&self, id: VolumeId, max: Duration) -> Result<(), String> {
+        let mut changes = self.cp.changes();
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let t = self.topology(id).await;
+            let statuses = self.cp_statuses(id).await;
+            let missing: Vec<String> = t
+                .iter()
+                .flat_map(|t| t.members.iter())
+                .filter(|m| !m.role.is_dead())
+                .filter(|m| !statuses.iter().any(|s| s.disk == m.disk))
+                .map(|m| m.node.0.clone())
+                .collect();
+            if t.is_some() && missing.is_empty() {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "timed out after {max:?}: the agents on {} have not learned volume {id}",
+                    missing.join(", ")
+                ));
+            }
+            // Statuses may land without a change event: look again at least every 50 ms.
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(50)), changes.changed()).await;
+        }
+    }
+
     /// What each member's TOMA reports about the volume.
     pub async fn cp_statuses(&self, id: VolumeId) -> Vec<toma_control::MemberStatus> {
         self.cp.member_statuses(id).await.unwrap_or_default()

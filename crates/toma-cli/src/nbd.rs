@@ -138,6 +138,10 @@ pub async fn attach(
         .wait_topology(id, Duration::from_secs(30), |t| t.phase() == Phase::Normal)
         .await
         .map_err(anyhow::Error::msg)?;
+    cluster
+        .wait_served(id, Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let client = VolumeClient::attach(
         cluster.control_plane(),
         cluster.transport.clone(),
