@@ -316,6 +316,19 @@ impl Disk {
         }
     }
 
+    /// Whether data I/O from async code ([`read_member_io`](Self::read_member_io)) goes
+    /// through `io_uring` (making the ring now, if it was not made yet: call it on the
+    /// runtime that serves this disk).
+    pub fn uses_ring(&self) -> bool {
+        self.ring().is_some()
+    }
+
+    /// Data I/O from async code goes to blocking threads from now on, not `io_uring` (what
+    /// `TOMA_IO=threads` does for every disk; requests already in the ring finish there).
+    pub fn use_blocking_io(&self) {
+        *self.ring.lock() = RingState::Off;
+    }
+
     /// [`read_member`](Self::read_member) of `len` bytes into a new aligned buffer, from
     /// async code: through `io_uring` for a file, inline for an in-memory device, on a
     /// blocking thread otherwise.

@@ -292,6 +292,92 @@ fn member_io_stays_inside_its_extent() {
     ));
 }
 
+/// The async data path, through `io_uring` and through blocking threads: what one writes
+/// the other (and the blocking calls) read back, at the extent's absolute offset; I/O outside
+/// the extent is refused before it reaches the kernel; after a detach no write lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_io_through_the_ring_and_through_threads_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = fresh(dir.path(), 8 * MIB);
+    let d = Arc::new(Disk::open(dev(&p), CLUSTER).unwrap());
+    let a = d.allocate_extent(VolumeId(1), 0, MIB, 1).unwrap();
+    let vol = VolumeId(1);
+    assert!(d.uses_ring(), "io_uring is available on this machine");
+    let block = |v: u8| bytes::Bytes::from(vec![v; 8192]);
+
+    // Ring write, then a blocking read and a ring read.
+    d.write_member_io(vol, 0, 4096, block(0x31)).await.unwrap();
+    let mut back = AlignedBuf::zeroed(8192);
+    d.read_member(vol, 0, 4096, &mut back).unwrap();
+    assert!(
+        back.iter().all(|x| *x == 0x31),
+        "the ring's write, read by pread"
+    );
+    let got = d.read_member_io(vol, 0, 4096, 8192).await.unwrap();
+    assert!(got.iter().all(|x| *x == 0x31), "read back through the ring");
+
+    // Blocking threads from now on: the same calls, the same bytes.
+    d.use_blocking_io();
+    assert!(!d.uses_ring());
+    d.write_member_io(vol, 0, MIB - 8192, block(0x42))
+        .await
+        .unwrap();
+    let got = d.read_member_io(vol, 0, MIB - 8192, 8192).await.unwrap();
+    assert!(
+        got.iter().all(|x| *x == 0x42),
+        "written and read on threads"
+    );
+    let got = d.read_member_io(vol, 0, 4096, 8192).await.unwrap();
+    assert!(
+        got.iter().all(|x| *x == 0x31),
+        "the ring's write, read on threads"
+    );
+    d.flush().unwrap();
+    let raw = std::fs::read(&p).unwrap();
+    assert_eq!(raw[(a.offset + 4096) as usize], 0x31);
+    assert_eq!(raw[(a.offset + MIB - 1) as usize], 0x42);
+
+    // Outside the extent: refused by both paths, nothing written past it.
+    let d2 = Arc::new(Disk::open(dev_again(&p, d), CLUSTER).unwrap());
+    assert!(d2.uses_ring());
+    for ring in [true, false] {
+        if !ring {
+            d2.use_blocking_io();
+        }
+        let e = d2
+            .write_member_io(vol, 0, MIB - 4096, block(0x55))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SuperblockError::OutsideExtent { .. }), "{e}");
+        let e = d2.read_member_io(vol, 0, MIB, 4096).await.unwrap_err();
+        assert!(matches!(e, SuperblockError::OutsideExtent { .. }), "{e}");
+    }
+    let raw = std::fs::read(&p).unwrap();
+    assert_ne!(
+        raw[(a.offset + MIB) as usize],
+        0x55,
+        "nothing past the extent"
+    );
+
+    // After a detach, ring writes are refused and change nothing.
+    let d3 = Arc::new(Disk::open(dev_again(&p, d2), CLUSTER).unwrap());
+    assert!(d3.uses_ring());
+    d3.detach().unwrap();
+    let e = d3
+        .write_member_io(vol, 0, 0, block(0x66))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SuperblockError::Detached { .. }), "{e}");
+    let raw = std::fs::read(&p).unwrap();
+    assert_ne!(raw[a.offset as usize], 0x66);
+}
+
+/// Opens `path` again once `previous` (the disk that holds its lock) is dropped.
+fn dev_again(path: &Path, previous: Arc<Disk>) -> Arc<dyn BlockDevice> {
+    drop(previous);
+    dev(path)
+}
+
 #[test]
 fn member_runtime_exists_only_for_held_extents() {
     let dir = tempfile::tempdir().unwrap();
