@@ -392,7 +392,20 @@ async fn reap(shared: Weak<Shared>, efd: AsyncFd<OwnedFd>) {
         };
         let done = {
             let mut st = shared.state.lock();
-            shared.reap(&mut st)
+            let mut done = shared.reap(&mut st);
+            // Completions that found the queue full wait in the kernel's overflow list, and
+            // only an enter moves them into the room just made: without one (no request
+            // after them) they would wait for good.
+            // SAFETY: the submission queue is only touched under `state`'s lock, held here
+            // (this handle only reads the flags; dropping it writes back the same tail).
+            while unsafe { shared.ring.submission_shared() }.cq_overflow() {
+                if let Err(e) = shared.ring.submit() {
+                    tracing::warn!(error = %e, "io_uring: cannot flush overflowed completions yet");
+                    break;
+                }
+                done.extend(shared.reap(&mut st));
+            }
+            done
         };
         drop(shared);
         for (tx, d) in done {

@@ -2,7 +2,7 @@
 //! dropped request does not disturb the others, and errors name what went wrong.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 
 use toma_io::{AlignedBuf, Ring, ALIGN};
@@ -149,4 +149,44 @@ where
         r.map_err(|e| e.to_string())??;
     }
     Ok(())
+}
+
+/// More requests in flight than the completion queue holds (the kernel keeps the rest in
+/// its overflow list): every one completes, with no request after them to flush the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_requests_in_flight_than_the_completion_queue_holds() {
+    let blocks = 4096u64;
+    let (_dir, path, _) = disk_file(blocks);
+    // O_DIRECT, so that completions arrive later from the device, not during the submit.
+    let file = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .expect("open O_DIRECT"),
+    );
+    let ring = Arc::new(Ring::new().expect("io_uring is available here"));
+    let writes = (0..blocks).map(|b| {
+        let (ring, file) = (ring.clone(), file.clone());
+        async move {
+            ring.write_at(&file, pattern(b), b * ALIGN as u64)
+                .await
+                .map_err(|e| format!("block {b}: {e}"))
+        }
+    });
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        futures_join_all(writes),
+    )
+    .await
+    .expect("every write completes (none is left in the kernel's overflow list)")
+    .expect("every write succeeds");
+    for b in [0, blocks / 2, blocks - 1] {
+        let got = ring
+            .read_at(&file, AlignedBuf::zeroed(ALIGN), b * ALIGN as u64)
+            .await
+            .expect("read");
+        assert_eq!(got[..], pattern(b)[..], "block {b}");
+    }
 }
