@@ -39,17 +39,22 @@ failed=0
 finish() {
   local rc=$?
   cluster_down
-  if [ -f "$results" ]; then
-    echo
-    echo "scenario                                  io-errors  longest-stall-ms  fault->Degraded-s  fault->Normal-s  result"
-    cat "$results"
-  fi
   if [ $rc -ne 0 ] || [ $failed -ne 0 ]; then
     for f in "$work"/logs/*.log; do
       [ -f "$f" ] || continue
       echo "----- last lines of $(basename "$f")" >&2
       tail -n 15 "$f" >&2
     done
+  fi
+  # The table and the reasons come last: a CI log shows the end of the output.
+  if [ -f "$results" ]; then
+    echo
+    echo "scenario                                  io-errors  longest-stall-ms  fault->Degraded-s  fault->Normal-s  result"
+    cat "$results"
+  fi
+  if [ -s "$work/failures" ]; then
+    echo "----- why:" >&2
+    cat "$work/failures" >&2
   fi
   if [ "${TOMA_E2E_KEEP:-0}" = 1 ]; then log "kept $work"; else rm -rf "$work"; fi
   [ $failed -eq 0 ] || exit 1
@@ -86,7 +91,22 @@ record() {
 run_scenario() {
   local letter=$1 title=$2 wl=$3 fn=$4 rc=0
   log "scenario ($letter) $title"
-  if ( set -e; "$fn" ) && workload_finish "$wl"; then
+  # The scenario runs as a plain command: inside an `if` or a `||` list bash ignores `set -e`,
+  # and a step that ran out of time would not stop it. A step that fails without a message of
+  # its own (an `eventually` that ran out, say) is named in $WORK/failures by the ERR trap.
+  set +e
+  (
+    set -eE
+    trap 'echo "[$(date +%H:%M:%S)] ($letter) ${FUNCNAME[0]:-?}, line $LINENO: $(sed -n "${LINENO}p" "${BASH_SOURCE[0]}" | sed "s/^ *//")" >>"$WORK/failures"' ERR
+    "$fn"
+  )
+  rc=$?
+  set -e
+  if [ $rc -eq 0 ] && ! workload_finish "$wl"; then
+    echo "[$(date +%H:%M:%S)] ($letter) workload $wl did not end ok: $(tail -n 1 "$WORK/logs/io-$wl.log")" >>"$WORK/failures"
+    rc=1
+  fi
+  if [ $rc -eq 0 ]; then
     record "($letter) $title" "$wl" ok
   else
     rc=1
@@ -248,9 +268,13 @@ scenario_g() {
   kill9 "agent-$node"
   eventually $T phase_is vg Degraded
   resumed=$(date -u +%Y-%m-%dT%H:%M:%S)
+  # It may have lost the Lease before (scenario (f)): wait for a new line.
+  local lost_before
+  lost_before=$(grep -c "lost the Lease" "$WORK/logs/$lead.log" || true)
   signal_proc "$lead" CONT
   log "(g) resumed $lead"
-  eventually $T grep -q "lost the Lease" "$WORK/logs/$lead.log" || die "$lead never noticed it lost the Lease"
+  eventually $T sh -c "[ \$(grep -c 'lost the Lease' '$WORK/logs/$lead.log') -gt $lost_before ]" \
+    || die "$lead never noticed it lost the Lease"
   agent_start "$node"
   eventually $T normal_after vg "$g"
   io_for_a_while

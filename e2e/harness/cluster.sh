@@ -21,7 +21,13 @@ REPO=$(cd "$E2E_DIR/.." && pwd)
 CP_SH=$E2E_DIR/harness/control-plane.sh
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+# die MESSAGE: fail; the message is also kept in $WORK/failures, which the suites print last
+# (a CI log shows the end of the output).
+die() {
+  log "FATAL: $*"
+  if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then echo "[$(date +%H:%M:%S)] $*" >>"$WORK/failures"; fi
+  exit 1
+}
 
 # eventually SECONDS CMD...: retry CMD until it succeeds or the deadline passes.
 eventually() {

@@ -329,16 +329,20 @@ mod tests {
         assert_eq!(clears_dirty_after(&t, 0, 0, 4096, 65536), None);
     }
 
-    #[test]
-    fn an_intent_is_needed_while_a_member_is_not_rwl() {
-        let disks = crate::topology::tests::disks(6);
-        let mut t = Topology::new_normal(
+    /// A Normal RAID6 4+2 volume on six disks, 64 KiB stripe units.
+    fn raid6_4_plus_2() -> Topology {
+        Topology::new_normal(
             crate::VolumeId(1),
             crate::Layout::raid6(4).unwrap(),
             65536,
-            disks,
+            crate::topology::tests::disks(6),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn an_intent_is_needed_while_a_member_is_not_rwl() {
+        let mut t = raid6_4_plus_2();
         assert!(!needs_intent(&t));
         t.members[2].role = Role::Dead;
         assert!(needs_intent(&t));
@@ -350,14 +354,7 @@ mod tests {
 
     #[test]
     fn raid6_shards_rotate_and_invert() {
-        let disks = crate::topology::tests::disks(6);
-        let mut t = Topology::new_normal(
-            crate::VolumeId(1),
-            crate::Layout::raid6(4).unwrap(),
-            65536,
-            disks,
-        )
-        .unwrap();
+        let mut t = raid6_4_plus_2();
         for s in 0..12u64 {
             let mut seen = std::collections::BTreeSet::new();
             for i in 0..6 {
