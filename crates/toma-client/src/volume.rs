@@ -74,6 +74,8 @@ pub struct ClientStats {
     pub held: AtomicU64,
     pub fenced: AtomicU64,
     pub switches: AtomicU64,
+    /// RAID6 write intents sent (`INTENT`, one per slice of columns of a degraded write).
+    pub intents: AtomicU64,
 }
 
 /// How [`VolumeClient::copy_unit`] copies.

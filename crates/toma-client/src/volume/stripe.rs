@@ -323,27 +323,42 @@ impl Inner {
         }
         let refs: Vec<&[u8]> = cols.iter().map(|c| &c[..]).collect();
         let (pp, qq) = encode(&refs).map_err(Retry::Fatal)?;
-        self.send_intent(t, s, &lock_set, ca, &cols).await?;
-        let writes = join_all(targets.iter().filter_map(|&m| {
-            let i = raid6_shard_of(t, s, m);
-            let payload = match i {
-                i if i < sp.k && touched.contains(&i) => cols[i].clone(),
-                i if i < sp.k => return None,
-                i if i == sp.k => pp.clone(),
-                _ => qq.clone(),
-            };
-            Some(self.call(
-                t,
-                m,
-                Message::Write {
-                    offset: sp.base() + ca,
-                    data: payload,
-                },
-            ))
-        }))
-        .await;
-        // A write that reached some members and not others keeps its locks: it is redone.
-        all_ok(writes, "WRITE")?;
+        // Columns are independent (P and Q are computed byte by byte), so a write whose
+        // intent would not fit one frame (k × width > `MAX_IO_LEN`) is done as slices of
+        // columns, each with its intent sent first: a writer fenced in the middle leaves the
+        // slices before it whole and the current one described by its intent.
+        let slices = if needs_intent(t) {
+            column_slices(width, sp.k)
+        } else {
+            vec![(0, width)]
+        };
+        for (x, y) in slices {
+            let slice = |b: &Bytes| b.slice(x..y);
+            let sliced: Vec<Bytes> = cols.iter().map(slice).collect();
+            let at = ca + x as u64;
+            self.send_intent(t, s, &lock_set, at, &sliced).await?;
+            let writes = join_all(targets.iter().filter_map(|&m| {
+                let i = raid6_shard_of(t, s, m);
+                let payload = match i {
+                    i if i < sp.k && touched.contains(&i) => sliced[i].clone(),
+                    i if i < sp.k => return None,
+                    i if i == sp.k => slice(&pp),
+                    _ => slice(&qq),
+                };
+                Some(self.call(
+                    t,
+                    m,
+                    Message::Write {
+                        offset: sp.base() + at,
+                        data: payload,
+                    },
+                ))
+            }))
+            .await;
+            // A write that reached some members and not others keeps its locks: it is
+            // redone.
+            all_ok(writes, "WRITE")?;
+        }
         let unit_bytes = sp.chunk * sp.k as u64;
         if let Some(c) = clears_dirty_after(t, s, sp.lo, sp.hi - sp.lo, unit_bytes) {
             let _ = self.dirty(t, s, &c, false).await;
@@ -358,8 +373,7 @@ impl Inner {
     /// otherwise decode the chunk of a member that is not readable from a half-written
     /// stripe, and get bytes no write wrote (`toma sim --raid raid6`). With every member
     /// RWL recovery reads all data chunks and needs no intent, so a healthy volume pays
-    /// nothing. An intent larger than a frame (k × width > `MAX_IO_LEN`: chunks over 2 MiB)
-    /// is not sent, and such a stripe keeps the write hole.
+    /// nothing. `cols` fits one frame: the caller slices wider writes ([`column_slices`]).
     async fn send_intent(
         self: &Arc<Self>,
         t: &Arc<Topology>,
@@ -372,9 +386,6 @@ impl Inner {
             return Ok(());
         }
         let size: usize = cols.iter().map(Bytes::len).sum();
-        if size > toma_wire::MAX_IO_LEN as usize {
-            return Ok(());
-        }
         let mut data = BytesMut::with_capacity(size);
         for c in cols {
             data.extend_from_slice(c);
@@ -393,6 +404,9 @@ impl Inner {
         }))
         .await;
         all_ok(replies, "INTENT")?;
+        self.stats
+            .intents
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -483,4 +497,48 @@ fn all_ok(replies: Vec<Result<Message, Retry>>, what: &str) -> Result<(), Retry>
         }
     }
     Ok(())
+}
+
+/// The column ranges `[x, y)` of a write `width` bytes wide, within it, that a k-data-chunk
+/// stripe writes one at a time so that each slice's intent (k × its width) fits one frame.
+/// One slice when the whole intent fits (every write of a stripe of chunks up to
+/// `MAX_IO_LEN / k`); otherwise slices of whole 4 KiB columns.
+fn column_slices(width: usize, k: usize) -> Vec<(usize, usize)> {
+    let max = ((toma_wire::MAX_IO_LEN as usize / k.max(1)) / 4096 * 4096).max(4096);
+    if width <= max {
+        return vec![(0, width)];
+    }
+    (0..width.div_ceil(max))
+        .map(|i| (i * max, ((i + 1) * max).min(width)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::column_slices;
+
+    #[test]
+    fn an_intent_wider_than_a_frame_is_sliced_into_whole_columns() {
+        let max = toma_wire::MAX_IO_LEN as usize;
+        // Fits: one slice, as before.
+        assert_eq!(column_slices(65536, 4), vec![(0, 65536)]);
+        assert_eq!(column_slices(max / 4, 4), vec![(0, max / 4)]);
+        // An 8 MiB chunk written whole with k = 4: 32 MiB of intent, two slices of 4 MiB.
+        let w = 8 << 20;
+        let s = column_slices(w, 4);
+        assert_eq!(s, vec![(0, 4 << 20), (4 << 20, 8 << 20)]);
+        // k = 3 does not divide 16 MiB: slices are whole 4 KiB columns, the last one short,
+        // each intent within a frame, and together they cover the write exactly once.
+        let s = column_slices(w, 3);
+        assert!(s.len() > 1);
+        assert_eq!(s[0].0, 0);
+        assert_eq!(s.last().map(|x| x.1), Some(w));
+        for (i, &(x, y)) in s.iter().enumerate() {
+            assert!(x < y && 3 * (y - x) <= max, "slice {i}: {x}..{y}");
+            assert_eq!(x % 4096, 0);
+            if i > 0 {
+                assert_eq!(s[i - 1].1, x);
+            }
+        }
+    }
 }
