@@ -287,7 +287,12 @@ impl KubeControlPlane {
     async fn secret_bytes(&self, r: &SecretRef) -> CpResult<[u8; 32]> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &r.namespace);
         let what = format!("Secret {}/{}", r.namespace, r.name);
-        let s = api.get(&r.name).await.map_err(|e| cp_error(&what, e))?;
+        let s = api.get(&r.name).await.map_err(|e| match status_of(&e) {
+            // Gone for good, not a hiccup: the volume is left out of listings (and named in
+            // `volume_names`), the others go on.
+            Some(404) => CpError::Rejected(format!("{what}: not found")),
+            _ => cp_error(&what, e),
+        })?;
         let bytes = s
             .data
             .as_ref()
@@ -543,6 +548,9 @@ impl ControlPlane for KubeControlPlane {
             };
             let secret = match self.secret_bytes(&vol.spec.secret_ref).await {
                 Ok(s) => s,
+                // The API server is away (restarting, say): the listing fails as a whole.
+                // Leaving the volume out would tell every caller it does not exist.
+                Err(e @ CpError::Unavailable(_)) => return Err(e),
                 Err(e) => {
                     warn!(volume = %obj.spec.volume, error = %e, "volume secret unreadable");
                     continue;
@@ -561,6 +569,27 @@ impl ControlPlane for KubeControlPlane {
             });
         }
         Ok(out)
+    }
+
+    async fn volume_names(&self) -> CpResult<std::collections::BTreeSet<String>> {
+        // A volume exists while its TomaVolume or its TomaTopology does (deletion removes
+        // the TomaVolume first): whether or not its Secret and topology can be read now.
+        let mut names: std::collections::BTreeSet<String> = self
+            .list_topologies()
+            .await?
+            .into_iter()
+            .map(|t| t.spec.volume)
+            .collect();
+        names.extend(
+            self.volumes
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| cp_error("TomaVolume list", e))?
+                .items
+                .iter()
+                .map(ResourceExt::name_any),
+        );
+        Ok(names)
     }
 
     async fn volume(&self, id: VolumeId) -> CpResult<Option<Versioned<VolumeRecord>>> {

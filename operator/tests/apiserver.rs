@@ -381,4 +381,8 @@ async fn crds_and_cas_against_a_real_apiserver() {
         b.volumes().await.expect("volumes").is_empty(),
         "the hand edit was used"
     );
+    // Left out of the listing, not deleted: agents keep serving its members and free
+    // nothing of it while it is named here.
+    let names = b.volume_names().await.expect("volume names");
+    assert!(names.contains("vol-a"), "{names:?}");
 }

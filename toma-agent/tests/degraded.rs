@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
 
 use common::*;
+use toma_control::ControlPlane;
 use toma_core::{Phase, Role};
 use toma_wire::Message;
 
@@ -127,5 +128,67 @@ async fn degraded_writes_set_dirty_bits_and_rebuild_copies_exactly_those() {
     let m0 = c.agent(n0).unwrap().members();
     let m0 = m0.iter().find(|m| m.volume == id).unwrap();
     assert_eq!(m0.runtime().dirty.count(1), 0);
+    c.shutdown().await;
+}
+
+/// A volume that the control plane leaves out of a listing (as the Kubernetes store does
+/// while it cannot read the volume's Secret, during an API server restart) is not a deleted
+/// volume: the survivor keeps serving it with its dirty bits, and the rebuild copies every
+/// chunk written while degraded. (The agent used to free such a member: its dirty bits were
+/// lost, the rebuild skipped those chunks, and e2e scenario (f) read back old data.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_left_out_of_a_listing_keeps_its_member_and_its_dirty_bits() {
+    let (_dir, mut c) = cluster(2).await;
+    let id = volume(&c, 2, UNITS).await;
+    let cl = client(&c, id).await;
+    for u in 0..UNITS {
+        cl.write(u * CHUNK, block(u, 1)).await.unwrap();
+    }
+    let n0 = node_of(&c, id, 0).await;
+    let n1 = node_of(&c, id, 1).await;
+    c.kill_agent(n1);
+    // Degraded writes: dirty bits on member 0's TOMA only.
+    for u in 0..5 {
+        cl.write(u * CHUNK, block(u, 2)).await.unwrap();
+    }
+    c.wait_topology(id, WAIT, |t| t.members[1].role == Role::Dead)
+        .await
+        .expect("member 1 DEAD");
+
+    let vname =
+        c.cp.volume(id)
+            .await
+            .ok()
+            .flatten()
+            .map(|v| v.value.name)
+            .expect("the volume's record");
+    c.cp.set_unreadable(&vname, true);
+    let before = c.cp.listings_left_out();
+    // Each agent and the leader list the volumes every tick: several passes without it.
+    wait_until("listings that left the volume out", WAIT, || async {
+        c.cp.listings_left_out() >= before + 6
+    })
+    .await;
+    let hosted = c
+        .agent(n0)
+        .expect("agent 0 runs")
+        .members()
+        .iter()
+        .any(|m| m.volume == id);
+    assert!(
+        hosted,
+        "member 0 is still served while its volume is left out"
+    );
+    c.cp.set_unreadable(&vname, false);
+
+    c.start_agent(n1).await.unwrap();
+    c.wait_topology(id, WAIT, |t| t.phase() == Phase::Normal && t.generation > 2)
+        .await
+        .expect("Normal again");
+    for u in 0..UNITS {
+        let want = block(u, if u < 5 { 2 } else { 1 });
+        assert_eq!(cl.read(u * CHUNK, CHUNK as usize).await.unwrap(), want);
+    }
+    c.assert_mirrors_identical(id).await;
     c.shutdown().await;
 }

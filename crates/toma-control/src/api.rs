@@ -1,6 +1,8 @@
 //! The `ControlPlane` trait: everything agents, clients and the leader exchange goes through
 //! it. Production: the Kubernetes API (CRDs). Embedded: an in-process store.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -51,6 +53,18 @@ pub type CpResult<T> = Result<T, CpError>;
 pub trait ControlPlane: Send + Sync + 'static {
     // Volumes and topologies.
     async fn volumes(&self) -> CpResult<Vec<Versioned<VolumeRecord>>>;
+    /// The names of every volume that exists, whether or not `volumes()` could read it. A
+    /// volume that `volumes()` leaves out but that is named here is unreadable for now (its
+    /// Secret could not be fetched while the API server restarted, an edit of its topology
+    /// was refused, ...), not deleted: nothing of it may be freed.
+    async fn volume_names(&self) -> CpResult<BTreeSet<String>> {
+        Ok(self
+            .volumes()
+            .await?
+            .into_iter()
+            .map(|v| v.value.name)
+            .collect())
+    }
     async fn volume(&self, id: VolumeId) -> CpResult<Option<Versioned<VolumeRecord>>>;
     async fn create_volume(&self, rec: VolumeRecord) -> CpResult<Version>;
     async fn delete_volume(&self, id: VolumeId) -> CpResult<()>;

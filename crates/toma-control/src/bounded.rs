@@ -45,6 +45,9 @@ impl ControlPlane for Bounded {
     async fn volumes(&self) -> CpResult<Vec<Versioned<VolumeRecord>>> {
         self.within("volumes", self.inner.volumes()).await
     }
+    async fn volume_names(&self) -> CpResult<std::collections::BTreeSet<String>> {
+        self.within("volume_names", self.inner.volume_names()).await
+    }
     async fn volume(&self, id: VolumeId) -> CpResult<Option<Versioned<VolumeRecord>>> {
         self.within("volume", self.inner.volume(id)).await
     }

@@ -1,6 +1,6 @@
 //! The in-process control plane used by `toma demo`, tests and the simulation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -26,6 +26,9 @@ struct State {
     statuses: BTreeMap<(VolumeId, DiskId, NodeId), MemberStatus>,
     unreachable: BTreeMap<(VolumeId, DiskId), Unreachable>,
     attachments: BTreeMap<(VolumeId, u128), Attachment>,
+    /// Volumes `volumes()` leaves out (`set_unreadable`), and how many listings did.
+    unreadable: BTreeSet<String>,
+    left_out: u64,
 }
 
 /// An in-memory store with the same compare-and-swap and epoch rules as the Kubernetes one.
@@ -61,6 +64,23 @@ impl EmbeddedControlPlane {
         }
     }
 
+    /// Makes `volumes()` leave the volume `name` out (or stops it), as the Kubernetes store
+    /// does while it cannot read the volume's Secret; `volume_names()` still names it. For
+    /// tests of what agents do with a volume that exists but cannot be read.
+    pub fn set_unreadable(&self, name: &str, unreadable: bool) {
+        let mut st = self.state.lock();
+        if unreadable {
+            st.unreadable.insert(name.to_string());
+        } else {
+            st.unreadable.remove(name);
+        }
+    }
+
+    /// How many `volumes()` listings have left an unreadable volume out.
+    pub fn listings_left_out(&self) -> u64 {
+        self.state.lock().left_out
+    }
+
     fn bump(&self, st: &mut State) -> Version {
         st.version += 1;
         let v = st.version;
@@ -72,7 +92,27 @@ impl EmbeddedControlPlane {
 #[async_trait]
 impl ControlPlane for EmbeddedControlPlane {
     async fn volumes(&self) -> CpResult<Vec<Versioned<VolumeRecord>>> {
-        Ok(self.state.lock().volumes.values().cloned().collect())
+        let mut st = self.state.lock();
+        let all: Vec<_> = st.volumes.values().cloned().collect();
+        let n = all.len();
+        let out: Vec<_> = all
+            .into_iter()
+            .filter(|v| !st.unreadable.contains(&v.value.name))
+            .collect();
+        if out.len() < n {
+            st.left_out += 1;
+        }
+        Ok(out)
+    }
+
+    async fn volume_names(&self) -> CpResult<BTreeSet<String>> {
+        Ok(self
+            .state
+            .lock()
+            .volumes
+            .values()
+            .map(|v| v.value.name.clone())
+            .collect())
     }
 
     async fn volume(&self, id: VolumeId) -> CpResult<Option<Versioned<VolumeRecord>>> {

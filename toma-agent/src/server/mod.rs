@@ -341,6 +341,7 @@ impl AgentInner {
             }
         };
         let mut seen = Vec::new();
+        let listed: Vec<VolumeId> = vols.iter().map(|v| v.value.id).collect();
         self.free_replaced_extents(&vols).await;
         for v in vols {
             let rec = v.value;
@@ -396,7 +397,27 @@ impl AgentInner {
             .filter(|m| !seen.contains(&m.volume))
             .cloned()
             .collect();
+        // Left out of the listing is not deleted: a volume whose Secret could not be read
+        // while the API server restarted, or whose topology edit was refused, is still
+        // there. Its member keeps serving (with its locks and dirty bits) and its extent
+        // stays; only a volume the control plane no longer names at all is freed. (A listed
+        // volume whose topology no longer places a member here replaced it: freed.)
+        let names = if gone.iter().any(|m| !listed.contains(&m.volume)) {
+            match self.cp.volume_names().await {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!(error = %e, "cannot tell which volumes still exist; freeing nothing");
+                    return;
+                }
+            }
+        } else {
+            Default::default()
+        };
         for m in gone {
+            if !listed.contains(&m.volume) && names.contains(&m.name) {
+                warn!(volume = %m.name, "the volume exists but the control plane cannot give its record now; serving the topology we have");
+                continue;
+            }
             info!(volume = %m.name, "the volume has no member on this node any more (deleted, or replaced); freeing its extent");
             self.stop_serving(&m).await;
             let _ = free_extent(&m.disk, m.volume, m.idx()).await;
