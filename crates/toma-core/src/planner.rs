@@ -235,8 +235,13 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
             // rebuilt from it in full, like every member that was not good. Copies that kept
             // power are preferred; ones that lost it only once every good copy is back.
             let need = t.layout.min_readable().max(1);
-            let fresh: Vec<&(MemberIdx, NodeId)> =
-                at.iter().filter(|(i, _)| !k.members[*i].stale).collect();
+            // A copy that lost power is known by its report, and, once its agent let go of
+            // that (the leader marked it for a full rebuild), by `full_rebuild`: preferring
+            // it while a copy that kept power is away loses writes (sim seed 593).
+            let fresh: Vec<&(MemberIdx, NodeId)> = at
+                .iter()
+                .filter(|(i, _)| !k.members[*i].stale && !t.members[*i].full_rebuild)
+                .collect();
             let chosen: Vec<&(MemberIdx, NodeId)> = if fresh.len() >= need {
                 fresh.into_iter().take(need).collect()
             } else if at.len() == good.len() && at.len() >= need {
@@ -650,6 +655,36 @@ mod tests {
         assert_eq!(d.phase(), Phase::Degraded);
         assert_eq!(d.members[0].role, Role::Rwl);
         assert!(d.members[1].full_rebuild);
+    }
+
+    /// Sim seed 593: a 3-mirror volume with member 0 DEAD; member 1's node loses power
+    /// while member 2 is out of reach: the volume fails with both last good. Member 1 comes
+    /// back first and its agent, seeing the full rebuild, no longer says it lost power. It
+    /// must not restart the volume while member 2, which kept power, is away.
+    #[test]
+    fn a_failed_volume_waits_for_the_copy_that_kept_power() {
+        let mut t = raid1(3);
+        t.members[0].role = Role::Dead;
+        let mut k = all_synced(&t);
+        k.members[0].present = None;
+        k.members[1].stale = true;
+        k.members[2].present = None;
+        let f = step(&t, &k);
+        assert_eq!(f.phase(), Phase::Failed);
+        assert!(f.members[1].last_good && f.members[1].full_rebuild);
+        assert!(f.members[2].last_good && !f.members[2].full_rebuild);
+        // Member 1 back, its report no longer stale: still waiting for member 2.
+        let mut k = all_synced(&f);
+        k.members[0].present = None;
+        k.members[2].present = None;
+        assert_eq!(plan(&f, &k).unwrap(), Plan::Wait(Wait::NothingToRestore));
+        // Member 2 back: the volume restarts from it, member 1 is rebuilt in full.
+        let mut k = all_synced(&f);
+        k.members[0].present = None;
+        let d = step(&f, &k);
+        assert_eq!(d.phase(), Phase::Degraded);
+        assert_eq!(d.members[2].role, Role::Rwl);
+        assert!(d.members[1].role.is_dead() && d.members[1].full_rebuild);
     }
 
     #[test]

@@ -105,9 +105,12 @@ fn seeds_that_found_fixed_bugs_pass() {
     //     a member kept its clients' connections on the retired object (stuck generation).
     //     115: a client whose member moved nodes, with no registered TOMA left to tell it,
     //     retried reads on the old node for ever.
+    // 593: a copy that lost power was the first back after the volume failed; once its
+    //     agent had let go of the power loss (the member was marked for a full rebuild), the
+    //     volume restarted from it while the copy that kept power was away (P1).
     each_passes(
         &[
-            103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14,
+            103, 32, 187, 44, 176, 64, 2, 24, 196, 216, 225, 45, 91, 115, 14, 593,
         ],
         &opts,
     );
