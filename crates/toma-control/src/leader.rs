@@ -212,22 +212,6 @@ impl Leader {
                         present = None;
                     }
                 }
-                // A DEAD member comes back on the word of its agent's current boot only. The
-                // node's new heartbeat is written before the member's new status, and a
-                // status written before the agent restarted says nothing of a power loss
-                // since: taken as current, a copy that lost unflushed writes would come
-                // back without a full rebuild.
-                if m.role.is_dead() {
-                    if let Some(node) = &present {
-                        let boot = self.seen.get(node).map(|s| s.boot);
-                        let current = statuses
-                            .iter()
-                            .any(|s| s.disk == m.disk && &s.node == node && Some(s.boot) == boot);
-                        if !current {
-                            present = None;
-                        }
-                    }
-                }
                 let status = statuses
                     .iter()
                     .find(|s| s.disk == m.disk && s.node == m.node);
