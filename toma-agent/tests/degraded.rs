@@ -13,9 +13,17 @@ use toma_wire::Message;
 
 const UNITS: u64 = 16;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn degraded_writes_set_dirty_bits_and_rebuild_copies_exactly_those() {
-    let (_dir, mut c) = cluster(2).await;
+/// Two agents, a two-mirror volume of `UNITS` chunks each written once (version 1), a
+/// client of it, and the nodes of members 0 and 1.
+async fn written_mirror_pair() -> (
+    tempfile::TempDir,
+    toma_agent::local::LocalCluster,
+    toma_core::VolumeId,
+    toma_client::VolumeClient,
+    usize,
+    usize,
+) {
+    let (dir, c) = cluster(2).await;
     let id = volume(&c, 2, UNITS).await;
     let cl = client(&c, id).await;
     for u in 0..UNITS {
@@ -23,6 +31,12 @@ async fn degraded_writes_set_dirty_bits_and_rebuild_copies_exactly_those() {
     }
     let n0 = node_of(&c, id, 0).await;
     let n1 = node_of(&c, id, 1).await;
+    (dir, c, id, cl, n0, n1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_writes_set_dirty_bits_and_rebuild_copies_exactly_those() {
+    let (_dir, mut c, id, cl, n0, n1) = written_mirror_pair().await;
     // Where member 1's extent lies on its disk file, to tamper with it while it is down.
     let (disk1_path, extent1) = {
         let m = c.agent(n1).unwrap().members();
@@ -138,14 +152,7 @@ async fn degraded_writes_set_dirty_bits_and_rebuild_copies_exactly_those() {
 /// lost, the rebuild skipped those chunks, and e2e scenario (f) read back old data.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_left_out_of_a_listing_keeps_its_member_and_its_dirty_bits() {
-    let (_dir, mut c) = cluster(2).await;
-    let id = volume(&c, 2, UNITS).await;
-    let cl = client(&c, id).await;
-    for u in 0..UNITS {
-        cl.write(u * CHUNK, block(u, 1)).await.unwrap();
-    }
-    let n0 = node_of(&c, id, 0).await;
-    let n1 = node_of(&c, id, 1).await;
+    let (_dir, mut c, id, cl, n0, n1) = written_mirror_pair().await;
     c.kill_agent(n1);
     // Degraded writes: dirty bits on member 0's TOMA only.
     for u in 0..5 {
