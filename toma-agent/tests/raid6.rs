@@ -268,6 +268,105 @@ async fn a_writer_dead_mid_stripe_is_rolled_forward_from_its_intent() {
     c.shutdown().await;
 }
 
+/// The lock table survives its member (DESIGN §7): with one data member of a stripe DEAD,
+/// a client takes the stripe's locks (two members: the place and the next RWL member),
+/// leaves its intent with both, writes one data chunk and not P and Q, and dies together
+/// with the lock place's server. The second lock member — the place once the first is
+/// DEAD — still holds the lock and the intent, and its stale-lock recovery rolls the stripe
+/// forward: the two lost chunks read back as they were, where decoding the half-written
+/// stripe gives bytes no write wrote (as it did with one lock member, whose death took the
+/// lock and the intent with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
+    use toma_agent::local::LocalTimers;
+    use toma_core::placement::{locks, raid6_data_member};
+    use toma_wire::Message;
+
+    let timers = LocalTimers {
+        reconnect_grace: std::time::Duration::from_millis(500),
+        ..LocalTimers::default()
+    };
+    let (_dir, mut c) = cluster_with(6, timers).await;
+    let (id, cl, mut model) = raid6_volume(&c, "r6-lock-place").await;
+    write(&cl, &mut model, 1, 0, SIZE as usize).await;
+
+    // Stripe 0's data chunk 2 is lost first.
+    let s = 0u64;
+    let t = c.topology(id).await.expect("topology");
+    let first = raid6_data_member(&t, s, 2);
+    let first_node = node_of(&c, id, first).await;
+    c.kill_agent(first_node);
+    write(&cl, &mut model, 2, 4 * K * CHUNK, 4096).await;
+    let t = c
+        .wait_topology(id, WAIT, |t| t.count(Role::Dead) == 1)
+        .await
+        .expect("the first lost member DEAD");
+    assert!(t.members[first].role.is_dead());
+
+    let lock_set = locks(&t, s);
+    assert_eq!(lock_set.len(), 2, "a RAID6 stripe locks on two members");
+    let (place, second) = (lock_set[0], lock_set[1]);
+    // The doomed writer changes the chunk the second lock member holds (it outlives the
+    // place): chunk 1 when the place holds chunk 0.
+    let j = (0..K as usize)
+        .find(|&j| raid6_data_member(&t, s, j) == second)
+        .expect("the second lock member holds a data chunk of stripe 0");
+
+    let doomed = random_u128();
+    let mut raws = Vec::new();
+    for m in t.alive() {
+        let n = node_of(&c, id, m).await;
+        raws.push((m, Raw::register(&c, n, id, doomed).await));
+    }
+    let raw = |m: usize| &raws.iter().find(|(x, _)| *x == m).expect("live member").1;
+    for &l in &lock_set {
+        assert_eq!(raw(l).call(Message::Lock { unit: s }).await, Message::Ok);
+    }
+    let at = j * CHUNK as usize;
+    let new_j = pattern(77, at as u64, CHUNK as usize);
+    let mut intent = model[..(K * CHUNK) as usize].to_vec();
+    intent[at..at + CHUNK as usize].copy_from_slice(&new_j);
+    let intent = Bytes::from(intent);
+    for &l in &lock_set {
+        let m = Message::Intent {
+            unit: s,
+            column: 0,
+            data: intent.clone(),
+        };
+        assert_eq!(raw(l).call(m).await, Message::Ok);
+    }
+    let w = Message::Write {
+        offset: s * CHUNK,
+        data: new_j.clone(),
+    };
+    assert_eq!(raw(second).call(w).await, Message::Ok);
+    // The lock place's server dies with the writer.
+    let place_node = node_of(&c, id, place).await;
+    c.kill_agent(place_node);
+    for (_, r) in &raws {
+        r.close();
+    }
+    model[at..at + CHUNK as usize].copy_from_slice(&new_j);
+
+    // A write elsewhere meets the lost place: two members DEAD.
+    write(&cl, &mut model, 3, 5 * K * CHUNK, 4096).await;
+    c.wait_topology(id, WAIT, |t| t.count(Role::Dead) == 2)
+        .await
+        .expect("the lock place DEAD too");
+    // Fenced and recovered by the second lock member: the stripe's lock is free again (a
+    // write of it goes through), the chunks of both lost members decode to what they held.
+    write(&cl, &mut model, 4, K * CHUNK - 4096, 4096).await;
+    read_all(&cl, &model, "recovered after the lock place died").await;
+
+    for n in [first_node, place_node] {
+        c.start_agent(n).await.expect("restart");
+    }
+    wait_normal(&c, id, "both returned").await;
+    read_all(&cl, &model, "rebuilt").await;
+    verify_stripes(&c, id, &model, "rebuilt").await;
+    c.shutdown().await;
+}
+
 /// A degraded write whose intent would not fit one frame (an 8 MiB chunk written whole
 /// means 4 × 8 MiB of intent) is written in slices of columns, each with its intent sent
 /// first, and every byte and every stripe's P and Q come out right.

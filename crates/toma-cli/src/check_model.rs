@@ -22,7 +22,8 @@ pub enum RaidArg {
 pub enum MutationArg {
     /// Rebuilding goes straight to Normal, skipping DualLock. raid6: only with
     /// --fail-lock-place (otherwise stripe 0's lock never moves and DualLock changes
-    /// nothing), where the known torn-stripe read is found first.
+    /// nothing), and not caught within the default bounds (the RAID6 lock set's second
+    /// member already spans the move).
     SkipDualLock,
     /// Degraded writes set no dirty bit. raid6: caught with --clients 1 --failures 1.
     NoDirtyBits,
@@ -75,7 +76,8 @@ pub struct Args {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=4))]
     pub data_members: u8,
     /// Let member 0's disk (stripe 0's lock place) fail too. Default for raid1; for raid6
-    /// it finds a torn-stripe degraded read (a known gap, see the toma-model docs).
+    /// it makes the space several times larger (`--clients 1 --failures 1` stays
+    /// exhaustive in about 10 s).
     #[arg(long)]
     pub fail_lock_place: bool,
     /// Disks come back only as themselves, never as a NEW disk (fewer states).

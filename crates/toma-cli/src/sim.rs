@@ -38,7 +38,10 @@ pub struct Args {
     /// With --seeds: stop after this many failing seeds.
     #[arg(long)]
     pub stop_after: Option<u64>,
-    /// With --seed: print the event log as it happens (stderr).
+    /// With --seed: print the event log as it happens (stderr). The log can also follow
+    /// blocks (`TOMA_SIM_TRACE_BLOCK=N` or `FIRST-LAST`: each read and write of them) and
+    /// a lock unit's frames (`TOMA_SIM_TRACE_UNIT=U`: its LOCK/UNLOCK/INTENT/WRITE frames
+    /// and their answers, with fences and topology switches).
     #[arg(long)]
     pub verbose: bool,
 }

@@ -941,7 +941,7 @@ impl Inner {
         }
         // Locks on members that are DEAD now are gone with them.
         self.forget_dead_locks(t, p.unit, held);
-        self.take_locks(t, p.unit, &lock_set, held).await?;
+        self.take_locks(t, p.unit, &lock_set, held, false).await?;
         if let Some(d) = sets_dirty(t, p.unit).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, p.unit, &d, true).await?;
         }
@@ -980,12 +980,23 @@ impl Inner {
         Ok(())
     }
 
+    /// Takes the locks of `lock_set` not in `held`, in the set's order, waiting while
+    /// another client holds one.
+    ///
+    /// `may_yield`: the caller has written nothing under `held`, so when a lock it waits
+    /// for is held by another client while it already holds some, it lets go of them all
+    /// and returns `Retry::Backoff` instead of waiting. RAID6 lock sets have two or three
+    /// members, and a writer carried over from the topology before holds some of them
+    /// taken in that topology's order: a writer that has not written yet gives way, so two
+    /// writers never wait for each other's locks for good. A writer that has written keeps
+    /// its locks (no one may see its half-written stripe) and waits.
     async fn take_locks(
         self: &Arc<Self>,
         t: &Arc<Topology>,
         unit: u64,
         lock_set: &[MemberIdx],
         held: &mut BTreeSet<DiskId>,
+        may_yield: bool,
     ) -> Result<(), Retry> {
         for &m in lock_set {
             let disk = t.members[m].disk;
@@ -1003,6 +1014,10 @@ impl Inner {
                     }
                     Message::Locked { holder } => {
                         self.stats.lock_retries.fetch_add(1, Ordering::Relaxed);
+                        if may_yield && !held.is_empty() {
+                            self.unlock_all(t, unit, held).await;
+                            return Err(Retry::Backoff);
+                        }
                         tries += 1;
                         if tries.is_multiple_of(200) {
                             warn!(volume = %self.volume, member = m, unit, holder = %format!("{holder:x}"), tries, "lock still held by another client");
@@ -1130,9 +1145,11 @@ impl Inner {
         };
         if lock {
             let lock_set = locks(&t, unit);
-            self.take_locks(&t, unit, &lock_set, &mut held)
-                .await
-                .map_err(fail)?;
+            if let Err(e) = self.take_locks(&t, unit, &lock_set, &mut held, true).await {
+                // Whatever was taken before a newer topology stopped the wait.
+                self.unlock_all(&t, unit, &mut held).await;
+                return Err(fail(e));
+            }
         }
         if t.layout.is_raid6() {
             let result = self

@@ -37,14 +37,32 @@ fn place_among(t: &Topology, unit: u64, lockable: impl Fn(Role) -> bool) -> Opti
 /// order: a write carried over from Rebuilding already holds the old place and re-issues
 /// under DualLock by adding the new one; if DualLock writers took the lower-numbered member
 /// first and that were the new place, each would hold the lock the other waits for.
+///
+/// RAID6: the lock (and a degraded write's intent) is also kept on the next RWL member after
+/// the place, so that losing the place's server in the middle of a write does not lose the
+/// stripe's lock table (DESIGN §7: stale-lock recovery fixes a half-written stripe "while
+/// the lock table survives"). That second member is the place of the topology that marks
+/// the first one DEAD: a writer that goes on holds the lock there without a break, so no
+/// one else can have written the stripe between its two attempts (it may redo from the
+/// columns it read first); a writer that is fenced instead leaves its lock and intent there
+/// for stale-lock recovery to roll the stripe forward.
 pub fn locks(t: &Topology, unit: u64) -> Vec<MemberIdx> {
     let Some(place) = interleaved_place(t, unit) else {
         return Vec::new();
     };
     let mut set = vec![place];
+    if t.layout.is_raid6() {
+        let n = t.n();
+        if let Some(second) = (1..n)
+            .map(|k| (place + k) % n)
+            .find(|&i| t.members[i].role == Role::Rwl)
+        {
+            set.push(second);
+        }
+    }
     if t.lock_mode == LockMode::DualLock {
         if let Some(after) = place_among(t, unit, |r| matches!(r, Role::Rwl | Role::Wl)) {
-            if after != place {
+            if !set.contains(&after) {
                 set.push(after);
             }
         }
@@ -338,6 +356,25 @@ mod tests {
             crate::topology::tests::disks(6),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_raid6_stripe_locks_on_its_place_and_the_next_rwl_member() {
+        let mut t = raid6_4_plus_2();
+        assert_eq!(locks(&t, 0), vec![0, 1]);
+        assert_eq!(locks(&t, 5), vec![5, 0]);
+        // The second place skips members that are not RWL, and it is the first place of
+        // the topology that marks the first one DEAD.
+        t.members[1].role = Role::Dead;
+        assert_eq!(locks(&t, 0), vec![0, 2]);
+        t.members[0].role = Role::Dead;
+        assert_eq!(locks(&t, 0), vec![2, 3]);
+        assert_eq!(locks(&t, 5), vec![5, 2]);
+        // DualLock adds the place of the topology after, last.
+        let mut t = raid6_4_plus_2();
+        t.members[0].role = Role::Wl;
+        t.lock_mode = LockMode::DualLock;
+        assert_eq!(locks(&t, 0), vec![1, 2, 0]);
     }
 
     #[test]

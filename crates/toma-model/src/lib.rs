@@ -45,10 +45,16 @@
 //!   read: a write can change one member before and another after the reads and finish
 //!   before the test, and the decode mixes them (P3). The model's reconstructing reads lock
 //!   the stripe; the client must do the same (or an equivalent).
-//! - `fail_lock_place` (member 0, stripe 0's lock place, may fail): when the lock's disk dies
-//!   while a write of the stripe is half done, the stripe is torn and no lock says so, and a
-//!   degraded read under the next generation reconstructs a mixture. The default RAID6 runs
-//!   spare member 0, so DualLock (skip-dual-lock) is not exercised for RAID6.
+//! - `fail_lock_place` (member 0, stripe 0's lock place, may fail): when the lock's disk died
+//!   while a write of the stripe was half done, the stripe was torn and no lock said so, and
+//!   a degraded read under the next generation reconstructed a mixture. A RAID6 stripe now
+//!   locks on two members (`toma_core::placement::locks`), so the lock outlives its place;
+//!   `raid6_lock_place_failure_passes_exhaustively` checks it with one failure. The default
+//!   RAID6 runs still spare member 0 (the space with it does not fit a test for two
+//!   failures), so DualLock (skip-dual-lock) is exercised for RAID6 only with the flag.
+//!   Found on the way, by the exhaustive one-client two-failure run with the flag: the
+//!   rebuilder's lock on the second member outlived a rebuilder whose disk died; it is
+//!   freed as a dead client's locks are.
 #![forbid(unsafe_code)]
 
 pub mod model;

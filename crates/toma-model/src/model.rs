@@ -95,7 +95,7 @@ pub struct Config {
     /// RAID6 only: data members k (2 to 4; the volume has k + 2 members).
     pub data_members: u8,
     /// Whether the disk of stripe/chunk 0's home (member 0, its lock place in Normal) may
-    /// fail. RAID6 with this finds a torn-stripe degraded read (see the crate docs).
+    /// fail (see the crate docs).
     pub fail_lock_place: bool,
     /// Stop after this many transitions (a bounded, not exhaustive, run).
     pub max_states: Option<usize>,
@@ -851,7 +851,9 @@ impl TomaModel {
                 let order = locks(t, u64::from(op.chunk));
                 // A lock taken (again) since `vec` was computed: another writer may have
                 // been in between, so what an earlier pass read is stale.
-                if self.raid6 && !order.iter().all(|&m| op.held & bit(m) != 0) {
+                // One lock of the set held without a break is enough: every writer of this
+                // topology takes them all (the client's `kept` rule).
+                if self.raid6 && !order.iter().any(|&m| op.held & bit(m) != 0) {
                     op.vec = [0; K];
                     op.cached = false;
                 }
@@ -1398,12 +1400,18 @@ impl TomaModel {
             for t in s.tomas.iter_mut().filter(|t| t.up) {
                 t.dirty[ch] &= !rb.ok;
             }
-            let t = &mut s.tomas[h];
+            Self::free_rebuilder_locks(s, ch);
+        } else {
+            s.tomas[h].rebuild = Some(rb);
+        }
+    }
+
+    /// The rebuilder's locks of unit `ch`, on every member of its lock set.
+    fn free_rebuilder_locks(s: &mut State, ch: usize) {
+        for t in s.tomas.iter_mut() {
             if t.locks[ch] == Some(REBUILDER) {
                 t.locks[ch] = None;
             }
-        } else {
-            s.tomas[h].rebuild = Some(rb);
         }
     }
 
@@ -1419,11 +1427,8 @@ impl TomaModel {
                 if rb.gen < t.gen && !in_flight {
                     // Its copy target died: give up on this chunk, keep its bit.
                     let ch = usize::from(rb.chunk);
-                    let t = &mut s.tomas[h];
-                    t.rebuild = None;
-                    if t.locks[ch] == Some(REBUILDER) {
-                        t.locks[ch] = None;
-                    }
+                    s.tomas[h].rebuild = None;
+                    Self::free_rebuilder_locks(s, ch);
                 }
             }
         }
@@ -1456,6 +1461,13 @@ impl TomaModel {
             Msg::Req { to, .. } => *to != iu,
             Msg::Resp { from, .. } => *from != iu,
         });
+        if let Some(rb) = s.tomas[i].rebuild.take() {
+            // The rebuilder dies with its TOMA; the locks it took on the other members of
+            // the stripe's lock set are freed as any dead client's are (fenced once its
+            // connections end; nothing to copy: it wrote only to W members, whose dirty
+            // bits stay set).
+            Self::free_rebuilder_locks(s, usize::from(rb.chunk));
+        }
         s.tomas[i] = Toma::down();
         for cl in s.clients.iter_mut() {
             cl.conn[i] = Conn::Broken;
@@ -1678,9 +1690,15 @@ impl Model for TomaModel {
                     let targets = topo.members_with(Role::W).fold(0, |m, j| m | bit(j));
                     for chunk in 0..self.units() {
                         let ch = usize::from(chunk);
+                        // The rebuilder takes the stripe's whole lock set (modelled as
+                        // one step, when every lock of it is free); it rebuilds the units
+                        // whose lock place it is.
+                        let set = Self::lock_set(topo, chunk);
                         if Self::held_bits(s, topo, chunk) & targets != 0
-                            && t.locks[ch].is_none()
-                            && Self::lock_set(topo, chunk) == bit(i)
+                            && locks(topo, u64::from(chunk)).first() == Some(&i)
+                            && (0..self.n()).all(|m| {
+                                set & bit(m) == 0 || s.tomas[m].up && s.tomas[m].locks[ch].is_none()
+                            })
                         {
                             out.push(Action::RebuildChunk {
                                 member: i as u8,
@@ -1907,7 +1925,10 @@ impl Model for TomaModel {
                 };
                 let n = self.n();
                 let cells: Vec<Cell> = (0..n).map(|w| self.cell_for(topo, chunk, w, v)).collect();
-                s.tomas[h].locks[ch] = Some(REBUILDER);
+                let set = Self::lock_set(topo, chunk);
+                for m in (0..n).filter(|&m| set & bit(m) != 0) {
+                    s.tomas[m].locks[ch] = Some(REBUILDER);
+                }
                 s.tomas[h].rebuild = Some(RebuildOp {
                     chunk,
                     gen,

@@ -101,6 +101,25 @@ fn raid6_one_client_one_failure_passes_exhaustively() {
     assert!(o.states >= 500_000, "only {} states", o.states);
 }
 
+/// RAID6 2+2, one client, one failure that may be stripe 0's lock place (member 0), in the
+/// middle of a write: exhaustive. Before a stripe's lock was kept on two members, the lock
+/// died with its disk and a degraded read decoded the torn stripe (P3).
+#[test]
+fn raid6_lock_place_failure_passes_exhaustively() {
+    let o = run6(
+        None,
+        Config {
+            fail_lock_place: true,
+            ..raid6_small()
+        },
+    );
+    if let Some((name, trace)) = &o.violation {
+        panic!("{name} violated:\n{trace}");
+    }
+    assert!(o.complete, "the lock-place RAID6 run must be exhaustive");
+    assert!(o.states >= 500_000, "only {} states", o.states);
+}
+
 /// RAID6 2+2, one client, two disks lost at once or one after the other, each coming back
 /// with its old contents: exhaustive (~3 min in release on two cores). With NEW disks as
 /// well it is exhaustive too but takes ~14 min and ~10 GB:

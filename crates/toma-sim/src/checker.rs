@@ -77,8 +77,13 @@ pub struct Checker {
     /// Running agents by storage node (the world keeps it current).
     pub agents: Mutex<Vec<Option<Arc<AgentHandle>>>>,
     pub verbose: bool,
-    /// The block whose history is logged (`TOMA_SIM_TRACE_BLOCK`), read once.
-    trace_block: Option<u64>,
+    /// The blocks whose history is logged (`TOMA_SIM_TRACE_BLOCK`: a block, or a range
+    /// `FIRST-LAST` such as a whole stripe), read once.
+    trace_block: Option<(u64, u64)>,
+    /// `TOMA_SIM_TRACE_UNIT=U`: log every write, lock and recovery frame of lock unit `U`
+    /// (and writes within its byte range of each member), with their answers.
+    trace_unit: Option<u64>,
+    traced: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 fn is_io(kind: Kind) -> bool {
@@ -110,7 +115,11 @@ impl Checker {
             verbose,
             trace_block: std::env::var("TOMA_SIM_TRACE_BLOCK")
                 .ok()
-                .and_then(|v| v.parse().ok()),
+                .and_then(|v| parse_block_range(&v)),
+            trace_unit: std::env::var("TOMA_SIM_TRACE_UNIT")
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+            traced: Mutex::new(Default::default()),
         }
     }
 
@@ -230,7 +239,10 @@ impl Checker {
     /// Logs `what` when `b` is the block `TOMA_SIM_TRACE_BLOCK` names (a debugging aid for
     /// replaying a seed: the history of the block a violation is about).
     fn trace(&self, b: u64, what: impl FnOnce() -> String) {
-        if self.trace_block == Some(b) {
+        if self
+            .trace_block
+            .is_some_and(|(first, last)| (first..=last).contains(&b))
+        {
             self.log(format!("block {b}: {}", what()));
         }
     }
@@ -496,8 +508,11 @@ impl Checker {
 }
 
 impl Observer for Checker {
-    fn deliver(&self, conn: u64, _from: usize, _to: usize, request: bool, frame: &Frame) {
+    fn deliver(&self, conn: u64, from: usize, to: usize, request: bool, frame: &Frame) {
         let kind = frame.msg.kind();
+        if let Some(u) = self.trace_unit {
+            self.trace_frame(u, conn, from, to, request, frame);
+        }
         if request {
             if is_io(kind) {
                 let g = self.topology().map_or(0, |t| t.generation);
@@ -526,6 +541,59 @@ impl Observer for Checker {
         if rk == Kind::Lock && matches!(frame.msg, Message::Ok) {
             self.st.lock().lock_grants += 1;
             self.check_exclusion();
+        }
+    }
+}
+
+impl Checker {
+    /// The frame log of `TOMA_SIM_TRACE_UNIT` (a debugging aid for replaying a seed).
+    fn trace_frame(&self, u: u64, conn: u64, from: usize, to: usize, request: bool, frame: &Frame) {
+        let unit_bytes = CHUNK_FOR_TRACE;
+        let what = match &frame.msg {
+            Message::Write { offset, data } if offset / unit_bytes == u => {
+                format!("WRITE off={offset} len={}", data.len())
+            }
+            Message::Lock { unit } if *unit == u => "LOCK".to_string(),
+            Message::Unlock { unit } if *unit == u => "UNLOCK".to_string(),
+            Message::Intent { unit, column, data } if *unit == u => {
+                format!("INTENT column={column} len={}", data.len())
+            }
+            Message::ReleaseLock { unit, client } if *unit == u => {
+                format!("RELEASE_LOCK client={client}")
+            }
+            Message::Register { client, .. } => format!("REGISTER {client}"),
+            Message::FenceClient { client } => format!("FENCE_CLIENT {client}"),
+            Message::PutLocks { locks } => format!("PUT_LOCKS {} entries", locks.len()),
+            Message::SwitchTopo { topology } => format!("SWITCH_TOPO g{}", topology.generation),
+            Message::Fenced { reason } => format!("FENCED {reason}"),
+            Message::Error { code, message } => format!("ERROR {code:?} {message}"),
+            Message::Ok => "OK".to_string(),
+            Message::Locked { holder } => format!("LOCKED by {holder}"),
+            _ => return,
+        };
+        if request {
+            self.traced.lock().insert((conn, frame.request_id));
+        } else if frame.request_id != 0 && !self.traced.lock().remove(&(conn, frame.request_id)) {
+            return;
+        }
+        let dir = if request { "->" } else { "<-" };
+        self.log(format!(
+            "frame c{conn} n{from}{dir}n{to} g{} r{} {what}",
+            frame.generation, frame.request_id
+        ));
+    }
+}
+
+/// The byte length of a lock unit within a member in the simulated RAID6 volume.
+const CHUNK_FOR_TRACE: u64 = 16 * 1024;
+
+/// `TOMA_SIM_TRACE_BLOCK`'s value: `N` or `FIRST-LAST`.
+fn parse_block_range(v: &str) -> Option<(u64, u64)> {
+    match v.split_once('-') {
+        Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+        None => {
+            let b = v.trim().parse().ok()?;
+            Some((b, b))
         }
     }
 }

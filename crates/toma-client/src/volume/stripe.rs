@@ -34,14 +34,20 @@ use crate::range::UnitPart;
 /// which reconstructs into garbage when a data member is missing. Valid only while the
 /// writer held the stripe's locks without a break.
 #[derive(Default)]
-pub(super) struct OldColumns(Option<(Columns, Vec<Option<Bytes>>)>);
+pub(super) struct OldColumns {
+    cols: Option<(Columns, Vec<Option<Bytes>>)>,
+    /// Some attempt of the write sent shards: its locks are kept until it is done (or the
+    /// client is fenced and stale-lock recovery takes over).
+    wrote: bool,
+}
 
 /// An in-chunk byte range `[from, to)` of every chunk of a stripe.
 type Columns = (u64, u64);
 
 impl OldColumns {
+    /// The write starts over (its client was fenced: recovery took its stripe over).
     pub(super) fn forget(&mut self) {
-        self.0 = None;
+        *self = OldColumns::default();
     }
 }
 
@@ -234,7 +240,7 @@ impl Inner {
         }
         let mut held = BTreeSet::new();
         let res: Result<(), Retry> = async {
-            self.take_locks(t, s, &lock_set, &mut held).await?;
+            self.take_locks(t, s, &lock_set, &mut held, true).await?;
             let cols = sp.columns();
             let need: Vec<usize> = chunks.clone().collect();
             let data = self.stripe_columns(t, &sp, cols, &need).await?;
@@ -270,12 +276,16 @@ impl Inner {
             return Err(Retry::Topology);
         }
         self.forget_dead_locks(t, s, held);
-        let kept = lock_set.iter().all(|&m| held.contains(&t.members[m].disk));
+        // Every writer of this topology takes all of `lock_set`: one lock of it held without
+        // a break since the first attempt means no other writer was in between, even when
+        // the place moved because the member it was on died (the second lock place is the
+        // next topology's first).
+        let kept = lock_set.iter().any(|&m| held.contains(&t.members[m].disk));
         if !kept {
-            // A lock had to be taken (again): another writer may have been in between.
-            cache.forget();
+            // Every lock had to be taken (again): another writer may have been in between.
+            cache.cols = None;
         }
-        self.take_locks(t, s, &lock_set, held).await?;
+        self.take_locks(t, s, &lock_set, held, !cache.wrote).await?;
         if let Some(d) = sets_dirty(t, s).filter(|_| !self.cfg.no_dirty_bits) {
             self.dirty(t, s, &d, true).await?;
         }
@@ -288,12 +298,12 @@ impl Inner {
                 !(touched.contains(&j) && a <= ca && b >= cb)
             })
             .collect();
-        let old = match &cache.0 {
+        let old = match &cache.cols {
             Some((cols, old)) if *cols == (ca, cb) => old.clone(),
             _ if need.is_empty() => vec![None; sp.k],
             _ => {
                 let old = self.stripe_columns(t, &sp, (ca, cb), &need).await?;
-                cache.0 = Some(((ca, cb), old.clone()));
+                cache.cols = Some(((ca, cb), old.clone()));
                 old
             }
         };
@@ -337,6 +347,7 @@ impl Inner {
             let sliced: Vec<Bytes> = cols.iter().map(slice).collect();
             let at = ca + x as u64;
             self.send_intent(t, s, &lock_set, at, &sliced).await?;
+            cache.wrote = true;
             let writes = join_all(targets.iter().filter_map(|&m| {
                 let i = raid6_shard_of(t, s, m);
                 let payload = match i {
