@@ -117,9 +117,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                 // if it holds the client's lock too. If it does not, the client never held
                 // the whole lock set, so it wrote nothing: free ours.
                 let Some(r) = reader else {
-                    local
-                        .wait_generation(t.generation + 1, Duration::from_millis(200))
-                        .await;
+                    wait_past(&local, t.generation).await;
                     continue;
                 };
                 match local
@@ -141,9 +139,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                                 .request(&t, r, Message::FenceClient { client: client.0 })
                                 .await;
                             if !matches!(fenced, Ok(Message::Ok)) {
-                                local
-                                    .wait_generation(t.generation + 1, Duration::from_millis(200))
-                                    .await;
+                                wait_past(&local, t.generation).await;
                                 continue;
                             }
                         } else if rt.locks.holder(unit) == Some(client) {
@@ -152,9 +148,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                         break;
                     }
                     _ => {
-                        local
-                            .wait_generation(t.generation + 1, Duration::from_millis(200))
-                            .await;
+                        wait_past(&local, t.generation).await;
                         continue;
                     }
                 }
@@ -204,9 +198,21 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                 }
                 break;
             }
-            local
-                .wait_generation(t.generation + 1, Duration::from_millis(200))
-                .await;
+            wait_past(&local, t.generation).await;
         }
+    }
+}
+
+/// Waits (at most 200 ms) for a topology newer than generation `g`, which is the member's
+/// own. When the agent's client already knows a newer one (the member's TOMA has not
+/// applied it yet, and may never, for a member it declares DEAD), the wait would return at
+/// once and the recovery loop would spin without yielding: pause briefly instead.
+async fn wait_past(local: &toma_client::VolumeClient, g: u64) {
+    if local.topology().generation > g {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    } else {
+        local
+            .wait_generation(g + 1, Duration::from_millis(200))
+            .await;
     }
 }
