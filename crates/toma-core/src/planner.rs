@@ -242,7 +242,19 @@ pub fn plan_with(t: &Topology, k: &Knowledge, mutate: Mutations) -> Result<Plan,
                 .iter()
                 .filter(|(i, _)| !k.members[*i].stale && !t.members[*i].full_rebuild)
                 .collect();
-            let chosen: Vec<&(MemberIdx, NodeId)> = if fresh.len() >= need {
+            // RAID6 that failed while degraded: a write torn when the volume failed is put
+            // right by stale-lock recovery only with redundancy to spare (k members decode
+            // a torn stripe into bytes no write wrote; k + 1 still read it from the data
+            // and the parity the write had not reached yet). So it waits for every good
+            // member, as a resync does, until they are all back — or until one has been
+            // gone so long that the leader offers a replacement: then k are enough.
+            let raid6_all = t.layout.is_raid6() && good.len() < t.n();
+            if raid6_all && at.len() < good.len() && k.replacement.is_none() {
+                return Ok(Plan::Wait(Wait::NothingToRestore));
+            }
+            let chosen: Vec<&(MemberIdx, NodeId)> = if raid6_all && fresh.len() == good.len() {
+                fresh
+            } else if fresh.len() >= need {
                 fresh.into_iter().take(need).collect()
             } else if at.len() == good.len() && at.len() >= need {
                 at.iter().take(need).collect()
@@ -754,6 +766,46 @@ mod tests {
         k3.members[0].present = None;
         let f = step(&d, &k3);
         assert_eq!(f.phase(), Phase::Failed);
+    }
+
+    #[test]
+    fn raid6_failed_while_degraded_comes_back_with_every_good_member() {
+        use crate::layout::Layout;
+        use crate::topology::{tests::disks, VolumeId};
+        let t =
+            Topology::new_normal(VolumeId(1), Layout::raid6(4).unwrap(), 65536, disks(6)).unwrap();
+        let mut k = all_synced(&t);
+        k.members[3].present = None;
+        let d = step(&t, &k);
+        assert_eq!(d.phase(), Phase::Degraded);
+        // Three more out of reach at once (a partition): Failed, five members good.
+        let mut k = all_synced(&d);
+        for i in [1, 3, 4, 5] {
+            k.members[i].present = None;
+        }
+        let f = step(&d, &k);
+        assert_eq!(f.phase(), Phase::Failed);
+        assert_eq!(f.members.iter().filter(|m| m.last_good).count(), 5);
+        // Four good ones back (k): wait for the fifth, whose redundancy recovery of a
+        // write torn by the failure needs.
+        let mut k = all_synced(&f);
+        k.members[1].present = None;
+        k.members[3].present = None;
+        assert_eq!(plan(&f, &k).unwrap(), Plan::Wait(Wait::NothingToRestore));
+        // All five back: all five readable, only the one DEAD before rebuilt.
+        let mut k5 = all_synced(&f);
+        k5.members[3].present = None;
+        let b = step(&f, &k5);
+        assert_eq!(b.count(Role::Rwl), 5);
+        assert!(b.members[3].role.is_dead() && b.members[3].full_rebuild);
+        // The fifth gone for good (the leader offers a replacement): k are enough.
+        k.replacement = Some(Replacement {
+            member: 1,
+            disk: DiskId(99),
+            node: "spare".into(),
+        });
+        let b = step(&f, &k);
+        assert_eq!(b.count(Role::Rwl), 4);
     }
 
     /// A RAID6 volume that failed from Normal (every member last-good).

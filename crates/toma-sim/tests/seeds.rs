@@ -235,7 +235,7 @@ fn each_passes(seeds: &[u64], opts: &Options) {
     }
 }
 
-/// RAID6 4+2 over 500 seeds. Ignored: 18 of 500 seeds fail (27 before stripes locked on
+/// RAID6 4+2 over 500 seeds. Ignored: 15 of 500 seeds fail (27 before stripes locked on
 /// two members), on the RAID6 write hole (DESIGN §7) in ways the in-RAM write intent does
 /// not cover: a power loss while the volume is degraded, more than two members out of reach
 /// at once, or a write torn while all members were RWL (no intent) whose writer is fenced
