@@ -208,6 +208,9 @@ fn many_seeds_pass() {
 /// - 359, 380: with two lock members, a writer carried over from DualLock held the old place
 ///   and waited for the new one, which a Normal writer held while it waited for the old
 ///   place (P6). A writer that has not written yet now gives its locks up and backs off.
+/// - 340: a partition failed the volume while it was degraded, in the middle of a write; it
+///   came back from k members, and recovery decoded the torn stripe with no parity to
+///   spare (P3). It now waits for every member that was readable when it failed (also 301).
 #[test]
 fn raid6_seeds_that_found_fixed_bugs_pass() {
     let opts = Options {
@@ -217,6 +220,7 @@ fn raid6_seeds_that_found_fixed_bugs_pass() {
     each_passes(
         &[
             7, 241, 134, 58, 155, 160, 8, 342, 328, 434, 429, 372, 179, 386, 379, 9, 459, 359, 380,
+            340,
         ],
         &opts,
     );
