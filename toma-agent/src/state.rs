@@ -184,6 +184,34 @@ impl LockTable {
         shard.remove(&unit)
     }
 
+    /// Releases `unit` if `client` holds it (`RELEASE_LOCK`: a peer's stale-lock recovery
+    /// is done); one step, so a lock taken over meanwhile ([`LockTable::take_over`]) stays.
+    pub fn release_if_held_by(&self, unit: u64, client: ClientId) -> bool {
+        let mut shard = self.shard(unit).lock();
+        if shard.get(&unit) != Some(&client) {
+            return false;
+        }
+        self.intents.lock().remove(&unit);
+        shard.remove(&unit);
+        true
+    }
+
+    /// Hands `from`'s lock of `unit` to `to` (stale-lock recovery done by this member for a
+    /// fenced client: a peer's `RELEASE_LOCK` of `from` no longer frees it while the
+    /// recovery runs). Returns `from`'s write intent, which recovery rolls forward; `None`
+    /// when `from` does not hold the unit.
+    pub fn take_over(&self, unit: u64, from: ClientId, to: ClientId) -> Option<Option<Intent>> {
+        let mut shard = self.shard(unit).lock();
+        if shard.get(&unit) != Some(&from) {
+            return None;
+        }
+        shard.insert(unit, to);
+        let mut intents = self.intents.lock();
+        let intent = intents.get(&unit).filter(|i| i.client == from).cloned();
+        intents.remove(&unit);
+        Some(intent)
+    }
+
     pub fn holder(&self, unit: u64) -> Option<ClientId> {
         self.shard(unit).lock().get(&unit).copied()
     }
@@ -602,6 +630,23 @@ mod tests {
             column: 4096,
             data: bytes::Bytes::from(vec![byte; 8]),
         }
+    }
+
+    #[test]
+    fn a_lock_taken_over_is_not_freed_by_a_release_of_its_former_holder() {
+        let t = LockTable::new(4);
+        assert!(t.take_over(1, A, B).is_none(), "nothing to take over");
+        t.lock(1, A).unwrap();
+        t.set_intent(1, intent(A, 7)).unwrap();
+        let got = t.take_over(1, A, B).expect("A held it");
+        assert_eq!(got.map(|i| i.data[0]), Some(7));
+        assert_eq!(t.holder(1), Some(B));
+        assert!(t.intent(1, A).is_none() && t.intent(1, B).is_none());
+        // A peer's RELEASE_LOCK of A, late: B keeps it.
+        assert!(!t.release_if_held_by(1, A));
+        assert_eq!(t.holder(1), Some(B));
+        assert!(t.release_if_held_by(1, B));
+        assert_eq!(t.holder(1), None);
     }
 
     #[test]

@@ -367,6 +367,96 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
     c.shutdown().await;
 }
 
+/// The other way a stripe's lock place loses its lock table: its agent restarts (the member
+/// stays readable). With one data member DEAD, a client takes the stripe's two locks, leaves
+/// its intent with both, writes one data chunk and not P and Q, and dies while the place's
+/// agent restarts. Fenced, the client's lock and intent are left only on the second lock
+/// member, which recovers the stripe itself — it used to free its lock, since the reader held
+/// none, and the DEAD member's chunk then decoded from the torn stripe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_stripe_is_recovered_when_its_lock_place_restarts() {
+    use toma_agent::local::LocalTimers;
+    use toma_core::placement::{locks, raid6_data_member};
+    use toma_wire::Message;
+
+    let timers = LocalTimers {
+        reconnect_grace: std::time::Duration::from_millis(500),
+        ..LocalTimers::default()
+    };
+    let (_dir, mut c) = cluster_with(6, timers).await;
+    let (id, cl, mut model) = raid6_volume(&c, "r6-place-restart").await;
+    write(&cl, &mut model, 1, 0, SIZE as usize).await;
+
+    let s = 0u64;
+    let t = c.topology(id).await.expect("topology");
+    let lost = raid6_data_member(&t, s, 2);
+    let lost_node = node_of(&c, id, lost).await;
+    c.kill_agent(lost_node);
+    write(&cl, &mut model, 2, 4 * K * CHUNK, 4096).await;
+    let t = c
+        .wait_topology(id, WAIT, |t| t.count(Role::Dead) == 1)
+        .await
+        .expect("the lost member DEAD");
+
+    let lock_set = locks(&t, s);
+    assert_eq!(lock_set.len(), 2, "a RAID6 stripe locks on two members");
+    let (place, second) = (lock_set[0], lock_set[1]);
+    let j = (0..K as usize)
+        .find(|&j| raid6_data_member(&t, s, j) == second)
+        .expect("the second lock member holds a data chunk of stripe 0");
+
+    let doomed = random_u128();
+    let mut raws = Vec::new();
+    for m in t.alive() {
+        let n = node_of(&c, id, m).await;
+        raws.push((m, Raw::register(&c, n, id, doomed).await));
+    }
+    let raw = |m: usize| &raws.iter().find(|(x, _)| *x == m).expect("live member").1;
+    for &l in &lock_set {
+        assert_eq!(raw(l).call(Message::Lock { unit: s }).await, Message::Ok);
+    }
+    let at = j * CHUNK as usize;
+    let new_j = pattern(78, at as u64, CHUNK as usize);
+    let mut intent = model[..(K * CHUNK) as usize].to_vec();
+    intent[at..at + CHUNK as usize].copy_from_slice(&new_j);
+    let intent = Bytes::from(intent);
+    for &l in &lock_set {
+        let m = Message::Intent {
+            unit: s,
+            column: 0,
+            data: intent.clone(),
+        };
+        assert_eq!(raw(l).call(m).await, Message::Ok);
+    }
+    let w = Message::Write {
+        offset: s * CHUNK,
+        data: new_j.clone(),
+    };
+    assert_eq!(raw(second).call(w).await, Message::Ok);
+    // The place's agent restarts (its RAM, with the lock and the intent, is gone) and the
+    // writer dies.
+    let place_node = node_of(&c, id, place).await;
+    c.kill_agent(place_node);
+    c.start_agent(place_node)
+        .await
+        .expect("restart the place's agent");
+    for (_, r) in &raws {
+        r.close();
+    }
+    model[at..at + CHUNK as usize].copy_from_slice(&new_j);
+
+    // Fenced and recovered by the second lock member: a write of the stripe goes through,
+    // and the DEAD member's chunk decodes to what it held.
+    write(&cl, &mut model, 3, K * CHUNK - 4096, 4096).await;
+    read_all(&cl, &model, "recovered after the lock place restarted").await;
+
+    c.start_agent(lost_node).await.expect("restart");
+    wait_normal(&c, id, "the lost member returned").await;
+    read_all(&cl, &model, "rebuilt").await;
+    verify_stripes(&c, id, &model, "rebuilt").await;
+    c.shutdown().await;
+}
+
 /// A degraded write whose intent would not fit one frame (an 8 MiB chunk written whole
 /// means 4 × 8 MiB of intent) is written in slices of columns, each with its intent sent
 /// first, and every byte and every stripe's P and Q come out right.

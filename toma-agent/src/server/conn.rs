@@ -563,9 +563,7 @@ async fn handle(
             unit,
             client: holder,
         } => {
-            if rt.locks.holder(*unit) == Some(ClientId(*holder)) {
-                rt.locks.force_unlock(*unit);
-            }
+            rt.locks.release_if_held_by(*unit, ClientId(*holder));
             Message::Ok
         }
         Message::GetLocks { units: r } => Message::Locks {

@@ -130,8 +130,8 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     )
                     .await
                 {
-                    Ok(Message::Locks { locks }) => {
-                        if locks.iter().any(|l| l.client == client.0) {
+                    Ok(Message::Locks { locks: theirs }) => {
+                        if theirs.iter().any(|l| l.client == client.0) {
                             // The reader may not have fenced the client yet (it was DEAD
                             // when we told the live members): tell it now, so its TOMA
                             // recovers the chunk and frees the lock.
@@ -143,6 +143,21 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                                 continue;
                             }
                         } else if rt.locks.holder(unit) == Some(client) {
+                            if t.layout.is_raid6() && locks(&t, unit).contains(&me) {
+                                // RAID6, and this member is in the stripe's lock set: the
+                                // reader lost the lock (its agent restarted), or freed it
+                                // after recovering and its RELEASE_LOCK is on its way.
+                                // Recover the stripe here, under the lock taken over by
+                                // this agent's client (so that RELEASE_LOCK cannot free it
+                                // in the middle); done again it is harmless, as no writer
+                                // gets the whole set while this member's lock is held.
+                                let mine = ClientId(local.client_id());
+                                if let Some(intent) = rt.locks.take_over(unit, client, mine) {
+                                    recover_taken_over(&local, m, &t, unit, me, intent).await;
+                                    rt.locks.release_if_held_by(unit, mine);
+                                }
+                                break;
+                            }
                             rt.locks.force_unlock(unit);
                         }
                         break;
@@ -214,5 +229,57 @@ async fn wait_past(local: &toma_client::VolumeClient, g: u64) {
         local
             .wait_generation(g + 1, Duration::from_millis(200))
             .await;
+    }
+}
+
+/// Stale-lock recovery of RAID6 stripe `unit` by a lock member that is not the reader, under
+/// the lock it took over from the fenced client: the stripe re-encoded (rolled forward from
+/// `intent`) onto every writable member, dirty bits first when a member is DEAD. Retried
+/// while the topology allows; given up (the lock is then freed) once this member is no
+/// longer in the stripe's lock set.
+async fn recover_taken_over(
+    local: &toma_client::VolumeClient,
+    m: &Arc<Member>,
+    t0: &toma_core::Topology,
+    unit: u64,
+    me: usize,
+    intent: Option<crate::state::Intent>,
+) {
+    let mut t = t0.clone();
+    loop {
+        if !locks(&t, unit).contains(&me) {
+            return;
+        }
+        let to = recovery_targets(&t, unit, me);
+        let mut ok = true;
+        if let Some(d) = sets_dirty(&t, unit) {
+            let targets = d.target_mask();
+            for h in d.holders {
+                if local
+                    .request(&t, h, Message::SetDirty { unit, targets })
+                    .await
+                    .is_err()
+                {
+                    ok = false;
+                }
+            }
+        }
+        if ok && !to.is_empty() {
+            let how = CopyHow::recovery(intent.clone().map(|i| (i.column, i.data)));
+            if let Err(e) = local.copy_unit(&t, unit, me, &to, how).await {
+                warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
+                ok = false;
+            }
+        }
+        if ok {
+            return;
+        }
+        wait_past(local, t.generation).await;
+        let newest = local.topology();
+        t = if newest.generation > t.generation {
+            (*newest).clone()
+        } else {
+            m.topology().as_ref().clone()
+        };
     }
 }
