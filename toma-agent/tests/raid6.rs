@@ -268,46 +268,46 @@ async fn a_writer_dead_mid_stripe_is_rolled_forward_from_its_intent() {
     c.shutdown().await;
 }
 
-/// The lock table survives its member (DESIGN §7): with one data member of a stripe DEAD,
-/// a client takes the stripe's locks (two members: the place and the next RWL member),
-/// leaves its intent with both, writes one data chunk and not P and Q, and dies together
-/// with the lock place's server. The second lock member — the place once the first is
-/// DEAD — still holds the lock and the intent, and its stale-lock recovery rolls the stripe
-/// forward: the two lost chunks read back as they were, where decoding the half-written
-/// stripe gives bytes no write wrote (as it did with one lock member, whose death took the
-/// lock and the intent with it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
-    use toma_agent::local::LocalTimers;
+/// What [`half_write_after_one_loss`] leaves: stripe 0 half written by a client that holds
+/// its two locks (the intent left with both), one data member DEAD.
+struct HalfWrite {
+    /// The node of the stripe's lock place (which the test then makes lose its lock table).
+    place_node: usize,
+    /// The node of the DEAD member.
+    lost_node: usize,
+    /// The doomed client's sessions, one per live member.
+    raws: Vec<(usize, Raw)>,
+}
+
+/// Stripe 0's data chunk 2 is lost (its member DEAD); then a doomed client takes the stripe's
+/// two locks (the place and the next RWL member), leaves its intent with both, and writes
+/// the data chunk the second lock member holds — not P and Q. The model gets the new chunk.
+async fn half_write_after_one_loss(
+    c: &mut LocalCluster,
+    id: VolumeId,
+    cl: &VolumeClient,
+    model: &mut [u8],
+    tag: u64,
+) -> HalfWrite {
     use toma_core::placement::{locks, raid6_data_member};
     use toma_wire::Message;
 
-    let timers = LocalTimers {
-        reconnect_grace: std::time::Duration::from_millis(500),
-        ..LocalTimers::default()
-    };
-    let (_dir, mut c) = cluster_with(6, timers).await;
-    let (id, cl, mut model) = raid6_volume(&c, "r6-lock-place").await;
-    write(&cl, &mut model, 1, 0, SIZE as usize).await;
-
-    // Stripe 0's data chunk 2 is lost first.
     let s = 0u64;
     let t = c.topology(id).await.expect("topology");
-    let first = raid6_data_member(&t, s, 2);
-    let first_node = node_of(&c, id, first).await;
-    c.kill_agent(first_node);
-    write(&cl, &mut model, 2, 4 * K * CHUNK, 4096).await;
+    let lost = raid6_data_member(&t, s, 2);
+    let lost_node = node_of(c, id, lost).await;
+    c.kill_agent(lost_node);
+    write(cl, model, 2, 4 * K * CHUNK, 4096).await;
     let t = c
         .wait_topology(id, WAIT, |t| t.count(Role::Dead) == 1)
         .await
-        .expect("the first lost member DEAD");
-    assert!(t.members[first].role.is_dead());
+        .expect("the lost member DEAD");
+    assert!(t.members[lost].role.is_dead());
 
     let lock_set = locks(&t, s);
     assert_eq!(lock_set.len(), 2, "a RAID6 stripe locks on two members");
     let (place, second) = (lock_set[0], lock_set[1]);
-    // The doomed writer changes the chunk the second lock member holds (it outlives the
-    // place): chunk 1 when the place holds chunk 0.
+    // The chunk the second lock member holds: it outlives the place.
     let j = (0..K as usize)
         .find(|&j| raid6_data_member(&t, s, j) == second)
         .expect("the second lock member holds a data chunk of stripe 0");
@@ -315,15 +315,15 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
     let doomed = random_u128();
     let mut raws = Vec::new();
     for m in t.alive() {
-        let n = node_of(&c, id, m).await;
-        raws.push((m, Raw::register(&c, n, id, doomed).await));
+        let n = node_of(c, id, m).await;
+        raws.push((m, Raw::register(c, n, id, doomed).await));
     }
     let raw = |m: usize| &raws.iter().find(|(x, _)| *x == m).expect("live member").1;
     for &l in &lock_set {
         assert_eq!(raw(l).call(Message::Lock { unit: s }).await, Message::Ok);
     }
     let at = j * CHUNK as usize;
-    let new_j = pattern(77, at as u64, CHUNK as usize);
+    let new_j = pattern(tag, at as u64, CHUNK as usize);
     let mut intent = model[..(K * CHUNK) as usize].to_vec();
     intent[at..at + CHUNK as usize].copy_from_slice(&new_j);
     let intent = Bytes::from(intent);
@@ -340,13 +340,34 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
         data: new_j.clone(),
     };
     assert_eq!(raw(second).call(w).await, Message::Ok);
-    // The lock place's server dies with the writer.
-    let place_node = node_of(&c, id, place).await;
-    c.kill_agent(place_node);
-    for (_, r) in &raws {
+    model[at..at + CHUNK as usize].copy_from_slice(&new_j);
+    HalfWrite {
+        place_node: node_of(c, id, place).await,
+        lost_node,
+        raws,
+    }
+}
+
+/// The lock table survives its member (DESIGN §7): the client of [`half_write_after_one_loss`]
+/// dies together with the lock place's server. The second lock member — the place once the
+/// first is DEAD — still holds the lock and the intent, and its stale-lock recovery rolls the
+/// stripe forward: the two lost chunks read back as they were, where decoding the
+/// half-written stripe gives bytes no write wrote (as it did with one lock member, whose
+/// death took the lock and the intent with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
+    let timers = toma_agent::local::LocalTimers {
+        reconnect_grace: std::time::Duration::from_millis(500),
+        ..toma_agent::local::LocalTimers::default()
+    };
+    let (_dir, mut c) = cluster_with(6, timers).await;
+    let (id, cl, mut model) = raid6_volume(&c, "r6-lock-place").await;
+    write(&cl, &mut model, 1, 0, SIZE as usize).await;
+    let h = half_write_after_one_loss(&mut c, id, &cl, &mut model, 77).await;
+    c.kill_agent(h.place_node);
+    for (_, r) in &h.raws {
         r.close();
     }
-    model[at..at + CHUNK as usize].copy_from_slice(&new_j);
 
     // A write elsewhere meets the lost place: two members DEAD.
     write(&cl, &mut model, 3, 5 * K * CHUNK, 4096).await;
@@ -358,7 +379,7 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
     write(&cl, &mut model, 4, K * CHUNK - 4096, 4096).await;
     read_all(&cl, &model, "recovered after the lock place died").await;
 
-    for n in [first_node, place_node] {
+    for n in [h.lost_node, h.place_node] {
         c.start_agent(n).await.expect("restart");
     }
     wait_normal(&c, id, "both returned").await;
@@ -368,89 +389,34 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
 }
 
 /// The other way a stripe's lock place loses its lock table: its agent restarts (the member
-/// stays readable). With one data member DEAD, a client takes the stripe's two locks, leaves
-/// its intent with both, writes one data chunk and not P and Q, and dies while the place's
-/// agent restarts. Fenced, the client's lock and intent are left only on the second lock
-/// member, which recovers the stripe itself — it used to free its lock, since the reader held
-/// none, and the DEAD member's chunk then decoded from the torn stripe.
+/// stays readable) as the client of [`half_write_after_one_loss`] dies. Fenced, the client's
+/// lock and intent are left only on the second lock member, which recovers the stripe itself
+/// — it used to free its lock, since the reader held none, and the DEAD member's chunk then
+/// decoded from the torn stripe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_stripe_is_recovered_when_its_lock_place_restarts() {
-    use toma_agent::local::LocalTimers;
-    use toma_core::placement::{locks, raid6_data_member};
-    use toma_wire::Message;
-
-    let timers = LocalTimers {
+    let timers = toma_agent::local::LocalTimers {
         reconnect_grace: std::time::Duration::from_millis(500),
-        ..LocalTimers::default()
+        ..toma_agent::local::LocalTimers::default()
     };
     let (_dir, mut c) = cluster_with(6, timers).await;
     let (id, cl, mut model) = raid6_volume(&c, "r6-place-restart").await;
     write(&cl, &mut model, 1, 0, SIZE as usize).await;
-
-    let s = 0u64;
-    let t = c.topology(id).await.expect("topology");
-    let lost = raid6_data_member(&t, s, 2);
-    let lost_node = node_of(&c, id, lost).await;
-    c.kill_agent(lost_node);
-    write(&cl, &mut model, 2, 4 * K * CHUNK, 4096).await;
-    let t = c
-        .wait_topology(id, WAIT, |t| t.count(Role::Dead) == 1)
-        .await
-        .expect("the lost member DEAD");
-
-    let lock_set = locks(&t, s);
-    assert_eq!(lock_set.len(), 2, "a RAID6 stripe locks on two members");
-    let (place, second) = (lock_set[0], lock_set[1]);
-    let j = (0..K as usize)
-        .find(|&j| raid6_data_member(&t, s, j) == second)
-        .expect("the second lock member holds a data chunk of stripe 0");
-
-    let doomed = random_u128();
-    let mut raws = Vec::new();
-    for m in t.alive() {
-        let n = node_of(&c, id, m).await;
-        raws.push((m, Raw::register(&c, n, id, doomed).await));
-    }
-    let raw = |m: usize| &raws.iter().find(|(x, _)| *x == m).expect("live member").1;
-    for &l in &lock_set {
-        assert_eq!(raw(l).call(Message::Lock { unit: s }).await, Message::Ok);
-    }
-    let at = j * CHUNK as usize;
-    let new_j = pattern(78, at as u64, CHUNK as usize);
-    let mut intent = model[..(K * CHUNK) as usize].to_vec();
-    intent[at..at + CHUNK as usize].copy_from_slice(&new_j);
-    let intent = Bytes::from(intent);
-    for &l in &lock_set {
-        let m = Message::Intent {
-            unit: s,
-            column: 0,
-            data: intent.clone(),
-        };
-        assert_eq!(raw(l).call(m).await, Message::Ok);
-    }
-    let w = Message::Write {
-        offset: s * CHUNK,
-        data: new_j.clone(),
-    };
-    assert_eq!(raw(second).call(w).await, Message::Ok);
-    // The place's agent restarts (its RAM, with the lock and the intent, is gone) and the
-    // writer dies.
-    let place_node = node_of(&c, id, place).await;
-    c.kill_agent(place_node);
-    c.start_agent(place_node)
+    let h = half_write_after_one_loss(&mut c, id, &cl, &mut model, 78).await;
+    c.kill_agent(h.place_node);
+    c.start_agent(h.place_node)
         .await
         .expect("restart the place's agent");
-    for (_, r) in &raws {
+    for (_, r) in &h.raws {
         r.close();
     }
-    model[at..at + CHUNK as usize].copy_from_slice(&new_j);
 
     // Fenced and recovered by the second lock member: a write of the stripe goes through,
     // and the DEAD member's chunk decodes to what it held.
     write(&cl, &mut model, 3, K * CHUNK - 4096, 4096).await;
     read_all(&cl, &model, "recovered after the lock place restarted").await;
 
-    c.start_agent(lost_node).await.expect("restart");
+    c.start_agent(h.lost_node).await.expect("restart");
     wait_normal(&c, id, "the lost member returned").await;
     read_all(&cl, &model, "rebuilt").await;
     verify_stripes(&c, id, &model, "rebuilt").await;

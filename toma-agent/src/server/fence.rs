@@ -168,31 +168,8 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     }
                 }
             }
-            let to = recovery_targets(&t, unit, me);
-            let mut ok = true;
-            if let Some(d) = sets_dirty(&t, unit) {
-                let targets = d.target_mask();
-                for h in d.holders {
-                    if local
-                        .request(&t, h, Message::SetDirty { unit, targets })
-                        .await
-                        .is_err()
-                    {
-                        ok = false;
-                    }
-                }
-            }
-            if ok && !to.is_empty() {
-                let intent = rt.locks.intent(unit, client).map(|i| (i.column, i.data));
-                if let Err(e) = local
-                    .copy_unit(&t, unit, me, &to, CopyHow::recovery(intent))
-                    .await
-                {
-                    warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
-                    ok = false;
-                }
-            }
-            if ok {
+            let intent = rt.locks.intent(unit, client).map(|i| (i.column, i.data));
+            if copy_stale(&local, m, &t, unit, me, intent).await {
                 for l in locks(&t, unit) {
                     if l == me {
                         if rt.locks.holder(unit) == Some(client) {
@@ -246,32 +223,12 @@ async fn recover_taken_over(
     intent: Option<crate::state::Intent>,
 ) {
     let mut t = t0.clone();
+    let intent = intent.map(|i| (i.column, i.data));
     loop {
         if !locks(&t, unit).contains(&me) {
             return;
         }
-        let to = recovery_targets(&t, unit, me);
-        let mut ok = true;
-        if let Some(d) = sets_dirty(&t, unit) {
-            let targets = d.target_mask();
-            for h in d.holders {
-                if local
-                    .request(&t, h, Message::SetDirty { unit, targets })
-                    .await
-                    .is_err()
-                {
-                    ok = false;
-                }
-            }
-        }
-        if ok && !to.is_empty() {
-            let how = CopyHow::recovery(intent.clone().map(|i| (i.column, i.data)));
-            if let Err(e) = local.copy_unit(&t, unit, me, &to, how).await {
-                warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
-                ok = false;
-            }
-        }
-        if ok {
+        if copy_stale(local, m, &t, unit, me, intent.clone()).await {
             return;
         }
         wait_past(local, t.generation).await;
@@ -281,5 +238,49 @@ async fn recover_taken_over(
         } else {
             m.topology().as_ref().clone()
         };
+    }
+}
+
+/// One attempt at copying a fenced client's unit under `t` from this member (`me`): the
+/// dirty bits set first when a member is DEAD, then the unit copied (RAID6: re-encoded,
+/// rolled forward from the client's `intent`) to every writable member. False when
+/// something failed (the caller retries).
+async fn copy_stale(
+    local: &toma_client::VolumeClient,
+    m: &Arc<Member>,
+    t: &toma_core::Topology,
+    unit: u64,
+    me: usize,
+    intent: Option<(u32, bytes::Bytes)>,
+) -> bool {
+    let to = recovery_targets(t, unit, me);
+    if let Some(d) = sets_dirty(t, unit) {
+        let targets = d.target_mask();
+        let mut ok = true;
+        for h in d.holders {
+            if local
+                .request(t, h, Message::SetDirty { unit, targets })
+                .await
+                .is_err()
+            {
+                ok = false;
+            }
+        }
+        if !ok {
+            return false;
+        }
+    }
+    if to.is_empty() {
+        return true;
+    }
+    match local
+        .copy_unit(t, unit, me, &to, CopyHow::recovery(intent))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(volume = %m.name, unit, error = %e, "stale-lock copy failed; retrying");
+            false
+        }
     }
 }
