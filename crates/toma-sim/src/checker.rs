@@ -548,7 +548,7 @@ impl Observer for Checker {
 impl Checker {
     /// The frame log of `TOMA_SIM_TRACE_UNIT` (a debugging aid for replaying a seed).
     fn trace_frame(&self, u: u64, conn: u64, from: usize, to: usize, request: bool, frame: &Frame) {
-        let unit_bytes = CHUNK_FOR_TRACE;
+        let unit_bytes = crate::world::CHUNK;
         let what = match &frame.msg {
             Message::Write { offset, data } if offset / unit_bytes == u => {
                 format!("WRITE off={offset} len={}", data.len())
@@ -583,9 +583,6 @@ impl Checker {
         ));
     }
 }
-
-/// The byte length of a lock unit within a member in the simulated RAID6 volume.
-const CHUNK_FOR_TRACE: u64 = 16 * 1024;
 
 /// `TOMA_SIM_TRACE_BLOCK`'s value: `N` or `FIRST-LAST`.
 fn parse_block_range(v: &str) -> Option<(u64, u64)> {

@@ -26,7 +26,8 @@ use crate::verify::{block_bytes, BLOCK};
 use crate::watchdog::{Watchdog, MAX_SIM_TIME};
 use crate::{Mutation, Options, Report};
 
-const CHUNK: u64 = 16 * 1024;
+/// The chunk size of the simulated volumes: a lock unit's bytes on each member.
+pub(crate) const CHUNK: u64 = 16 * 1024;
 const VOLUME_SIZE: u64 = 8 * CHUNK;
 /// RAID6 4+2: four stripes of 4 data chunks.
 const RAID6_DATA: u8 = 4;

@@ -55,15 +55,11 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
     };
     // Step 2: every other live member fences it too.
     loop {
-        let mut t = m.topology();
+        // The member's TOMA may not have applied the newest topology (it may never, for a
+        // DEAD member): tell the members that one lists as live.
+        let t = newest_topology(m, &local);
         let me = m.idx();
         let mut pending = false;
-        let newest = local.topology();
-        if newest.generation > t.generation {
-            // The member's TOMA has not applied the newest topology (it may never, for a
-            // DEAD member): tell the members that one lists as live.
-            t = newest;
-        }
         if t.alive().is_empty() {
             // The volume Failed: "every other live member" would be no one, and the
             // members that come back would never hear of the fence — their TOMAs would keep
@@ -222,7 +218,7 @@ async fn recover_taken_over(
     me: usize,
     intent: Option<crate::state::Intent>,
 ) {
-    let mut t = t0.clone();
+    let mut t = Arc::new(t0.clone());
     let intent = intent.map(|i| (i.column, i.data));
     loop {
         if !locks(&t, unit).contains(&me) {
@@ -232,12 +228,18 @@ async fn recover_taken_over(
             return;
         }
         wait_past(local, t.generation).await;
-        let newest = local.topology();
-        t = if newest.generation > t.generation {
-            (*newest).clone()
-        } else {
-            m.topology().as_ref().clone()
-        };
+        t = newest_topology(m, local);
+    }
+}
+
+/// The newer of the member's topology and the one the agent's client knows.
+fn newest_topology(m: &Member, local: &toma_client::VolumeClient) -> Arc<toma_core::Topology> {
+    let own = m.topology();
+    let newest = local.topology();
+    if newest.generation > own.generation {
+        newest
+    } else {
+        own
     }
 }
 
