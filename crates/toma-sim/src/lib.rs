@@ -67,6 +67,12 @@ pub struct Options {
     /// A RAID6 4+2 volume on 8 storage nodes instead of RAID1 (2 or 3 mirrors, drawn from
     /// the seed) on mirrors + 2.
     pub raid6: bool,
+    /// RAID6: let faults take more than two members away at once (a whole-cluster power
+    /// loss while the volume is degraded, a third member lost before the first two are
+    /// back, a partition cutting three off). Without it a RAID6 run keeps to what RAID6
+    /// promises, two members lost at once or one after the other: a fault that would take
+    /// a third one away is skipped (logged as such). RAID1 runs ignore it.
+    pub unbounded_losses: bool,
     /// Simulated time during which faults are injected (then every fault heals).
     pub chaos: Duration,
     /// Print the event log to stderr as it happens.
@@ -78,6 +84,7 @@ impl Default for Options {
         Options {
             mutation: None,
             raid6: false,
+            unbounded_losses: false,
             chaos: Duration::from_secs(20),
             verbose: false,
         }
@@ -97,11 +104,18 @@ pub struct Report {
     pub faults: BTreeSet<&'static str>,
     /// Simulated seconds the run lasted.
     pub sim_secs: f64,
+    /// Faults not injected because they would have taken a third RAID6 member away
+    /// (`Options::unbounded_losses` off).
+    pub skipped: usize,
 }
 
 /// The command that replays a run.
 pub fn replay_command(seed: u64, opts: &Options) -> String {
-    let raid = if opts.raid6 { " --raid raid6" } else { "" };
+    let raid = match (opts.raid6, opts.unbounded_losses) {
+        (false, _) => "",
+        (true, false) => " --raid raid6",
+        (true, true) => " --raid raid6 --unbounded-losses",
+    };
     match opts.mutation {
         Some(m) => format!("toma sim --seed {seed}{raid} --mutate {}", m.name()),
         None => format!("toma sim --seed {seed}{raid}"),
@@ -126,6 +140,7 @@ pub fn run(seed: u64, opts: &Options) -> Report {
                 violation: Some(format!("cannot build the runtime: {e}")),
                 faults: BTreeSet::new(),
                 sim_secs: 0.0,
+                skipped: 0,
             }
         }
     };

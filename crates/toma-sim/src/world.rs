@@ -2,6 +2,7 @@
 //! and a leader, clients running a verifying workload, faults drawn from the seed, a
 //! healing phase, and the final checks (P4, P6, superblocks).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,10 +49,31 @@ enum Fault {
     ClusterPowerLoss,
 }
 
+/// A planned fault's start or end; the number pairs the two (a skipped start skips its end).
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    Start(Fault),
-    Heal(Fault),
+    Start(usize, Fault),
+    Heal(usize, Fault),
+}
+
+/// How long the nodes of a healed fault still count as out of reach for the RAID6 bound:
+/// a member can be reported unreachable, or found stale at its restart, a while after the
+/// fault ended (the request timeout is 3 s). Past it, a loss shows in the topology.
+const COOL_DOWN: Duration = Duration::from_secs(5);
+
+/// The two-loss bound of a RAID6 run (`Options::unbounded_losses` off): which faults are
+/// in effect, on which storage nodes.
+#[derive(Default)]
+struct LossBound {
+    /// Started and not yet healed: id -> the storage nodes it takes away.
+    active: BTreeMap<usize, BTreeSet<usize>>,
+    /// Healed a short while ago (see [`COOL_DOWN`]).
+    cooling: Vec<(tokio::time::Instant, BTreeSet<usize>)>,
+    /// Faults not started because they would have taken a third member away.
+    skipped: BTreeSet<usize>,
+    /// Where each unplugged disk was (a move that would take a third member away goes back
+    /// there instead).
+    home: BTreeMap<usize, usize>,
 }
 
 struct SimClient {
@@ -85,10 +107,16 @@ struct World {
     volume_size: u64,
     calm: LinkParams,
     stop: tokio::sync::watch::Sender<bool>,
+    bound: LossBound,
 }
 
 fn node_name(i: usize) -> NodeId {
     NodeId(format!("n{i}"))
+}
+
+/// The storage node a member is on (`n{i}`).
+fn node_index(n: &NodeId) -> Option<usize> {
+    n.0.strip_prefix('n').and_then(|i| i.parse().ok())
 }
 
 impl Mutation {
@@ -175,6 +203,7 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         volume_size,
         calm,
         stop,
+        bound: LossBound::default(),
     };
     ck.log(format!(
         "seed {seed}: {layout}, {storage} storage nodes, {clients_n} clients, mutation {}, links {:?}",
@@ -249,6 +278,7 @@ pub async fn run(seed: u64, opts: Options) -> Report {
         violation,
         faults: ck.faults(),
         sim_secs,
+        skipped: w.bound.skipped.len(),
     }
 }
 
@@ -452,6 +482,151 @@ impl World {
         self.net.crash(self.storage + c);
     }
 
+    /// Whether this run keeps to RAID6's two losses (see `Options::unbounded_losses`).
+    fn bounded(&self) -> bool {
+        self.opts.raid6 && !self.opts.unbounded_losses
+    }
+
+    /// The storage nodes a fault takes away from the volume now (its members' nodes among
+    /// them), or `None` for all of them.
+    fn cost(&self, f: Fault, members: &BTreeSet<usize>) -> Option<BTreeSet<usize>> {
+        let only = |nodes: &[usize]| -> Option<BTreeSet<usize>> {
+            Some(
+                nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| members.contains(n))
+                    .collect(),
+            )
+        };
+        match f {
+            Fault::AgentCrash(i) | Fault::NodePowerLoss(i) => only(&[i]),
+            Fault::DiskMove { disk, .. } | Fault::DiskErrors(disk) => {
+                only(&self.disks[disk].node().into_iter().collect::<Vec<_>>())
+            }
+            Fault::LeaderCrash | Fault::ClientCrash(_) | Fault::Jitter => Some(BTreeSet::new()),
+            Fault::Partition(bits) => {
+                let side = |i: usize| bits >> i & 1 == 1;
+                let client_sides: BTreeSet<bool> = (0..self.clients_n)
+                    .map(|c| side(self.storage + c))
+                    .collect();
+                match client_sides.into_iter().collect::<Vec<_>>()[..] {
+                    // Every client on one side: the members on the other are out of reach.
+                    [cs] => only(
+                        &(0..self.storage)
+                            .filter(|&i| side(i) != cs)
+                            .collect::<Vec<_>>(),
+                    ),
+                    // Clients on both sides: each side loses the other's members.
+                    _ => None,
+                }
+            }
+            Fault::OneWay(a, b) => only(&[a, b]),
+            Fault::ClusterPowerLoss => None,
+        }
+    }
+
+    /// Whether fault `id` may start: in a bounded RAID6 run, only if the members out of
+    /// reach (not RWL in the topology, or on a node a fault has taken away or just given
+    /// back) stay at two or fewer with it. A whole-cluster power loss may strike only a
+    /// volume in Normal with no other fault about (the resync that follows re-encodes
+    /// every stripe; nothing may strike until it is done).
+    fn within_bound(&mut self, id: usize, f: Fault) -> bool {
+        if !self.bounded() {
+            return true;
+        }
+        let Some(t) = self.ck.topology() else {
+            return true;
+        };
+        let members: BTreeSet<usize> = t
+            .members
+            .iter()
+            .filter_map(|m| node_index(&m.node))
+            .collect();
+        let out = self.out_of_reach(&t);
+        let cost = self.cost(f, &members);
+        let ok = match &cost {
+            Some(c) if c.is_empty() => true,
+            // Failed, or Resync (parity not trusted yet): nothing more may go.
+            _ if matches!(t.phase(), Phase::Failed | Phase::Resync) => false,
+            Some(c) => out.union(c).count() <= 2,
+            // A whole-cluster power loss, from Normal with nothing else about: the resync
+            // puts every torn stripe right. A partition with clients on both sides takes
+            // every member away from some client: beyond two losses.
+            None => {
+                matches!(f, Fault::ClusterPowerLoss) && t.phase() == Phase::Normal && out.is_empty()
+            }
+        };
+        if !ok {
+            self.ck.log(format!(
+                "skipped: {f:?} would take a third member away (RAID6 keeps to two losses; out of reach now: {out:?})"
+            ));
+            self.bound.skipped.insert(id);
+            return false;
+        }
+        self.bound
+            .active
+            .insert(id, cost.unwrap_or_else(|| (0..self.storage).collect()));
+        true
+    }
+
+    /// Fault `id` has healed: its nodes cool down.
+    fn healed(&mut self, id: usize) {
+        if let Some(nodes) = self.bound.active.remove(&id) {
+            self.bound
+                .cooling
+                .push((tokio::time::Instant::now(), nodes));
+        }
+    }
+
+    /// The storage nodes out of reach now for the RAID6 bound: those of members that are
+    /// not RWL, and those a fault has taken away or given back a short while ago.
+    fn out_of_reach(&mut self, t: &Topology) -> BTreeSet<usize> {
+        let now = tokio::time::Instant::now();
+        self.bound
+            .cooling
+            .retain(|(at, _)| now.duration_since(*at) < COOL_DOWN);
+        let mut out: BTreeSet<usize> = t
+            .members
+            .iter()
+            .filter(|m| m.role != Role::Rwl)
+            .filter_map(|m| node_index(&m.node))
+            .collect();
+        for nodes in self.bound.active.values() {
+            out.extend(nodes);
+        }
+        for (_, nodes) in &self.bound.cooling {
+            out.extend(nodes);
+        }
+        out
+    }
+
+    /// Where unplugged disk `disk` goes back in: `to`, unless in a bounded RAID6 run the
+    /// restart of `to`'s agent would take a third member away; then back home.
+    fn move_target(&mut self, disk: usize, to: usize) -> usize {
+        let Some(&home) = self.bound.home.get(&disk) else {
+            return to;
+        };
+        if !self.bounded() || to == home {
+            return to;
+        }
+        let Some(t) = self.ck.topology() else {
+            return to;
+        };
+        if !t.members.iter().any(|m| node_index(&m.node) == Some(to)) {
+            return to;
+        }
+        let mut out = self.out_of_reach(&t);
+        out.insert(to);
+        if out.len() <= 2 {
+            return to;
+        }
+        self.ck.log(format!(
+            "disk{disk} goes back to n{home}, not n{to}: restarting n{to} would take a third member away"
+        ));
+        home
+    }
+
     fn plan(&mut self) -> Vec<(Duration, Step)> {
         let chaos = self.opts.chaos;
         let n = 2 + self.rng.below(5);
@@ -461,7 +636,7 @@ impl World {
         if kinds.is_empty() {
             return steps;
         }
-        for _ in 0..n {
+        for id in 0..n {
             let at = self.rng.millis(1000, chaos.as_millis() as u64);
             let dur = self.rng.millis(300, 8000);
             let s = self.storage;
@@ -489,8 +664,8 @@ impl World {
                     }
                 }
             };
-            steps.push((at, Step::Start(f)));
-            steps.push((at + dur, Step::Heal(f)));
+            steps.push((at, Step::Start(id as usize, f)));
+            steps.push((at + dur, Step::Heal(id as usize, f)));
         }
         steps.sort_by_key(|(t, _)| *t);
         steps
@@ -505,8 +680,17 @@ impl World {
                 return;
             }
             match step {
-                Step::Start(f) => self.inject(f).await,
-                Step::Heal(f) => self.heal(f).await,
+                Step::Start(id, f) => {
+                    if self.within_bound(id, f) {
+                        self.inject(f).await;
+                    }
+                }
+                Step::Heal(id, f) => {
+                    if !self.bound.skipped.contains(&id) {
+                        self.heal(f).await;
+                        self.healed(id);
+                    }
+                }
             }
         }
         tokio::time::sleep_until(start + self.opts.chaos).await;
@@ -554,6 +738,7 @@ impl World {
             }
             Fault::DiskMove { disk, .. } => {
                 if let Some(from) = self.disks[disk].node() {
+                    self.bound.home.insert(disk, from);
                     self.ck
                         .fault("disk-loss", format!("disk{disk} unplugged from n{from}"));
                     *self.disks[disk].at.lock() = None;
@@ -608,12 +793,18 @@ impl World {
             Fault::Jitter => {
                 self.ck.fault(
                     "message-delay",
-                    "long delays (past the request timeout) and duplicates",
+                    if self.bounded() {
+                        "long delays (within the request timeout) and duplicates"
+                    } else {
+                        "long delays (past the request timeout) and duplicates"
+                    },
                 );
                 let mut p = self.calm;
                 p.delay_max_us = p.delay_max_us.max(5000);
                 p.spike = 0.01;
-                p.spike_max_ms = 6000;
+                // Past the request timeout (3 s) a delay makes a member unreachable, to any
+                // number of clients at once: the RAID6 bound keeps spikes below it.
+                p.spike_max_ms = if self.bounded() { 1000 } else { 6000 };
                 p.dup = 0.01;
                 self.net.set_params(p);
             }
@@ -647,6 +838,7 @@ impl World {
                 self.restart(i).await;
             }
             Fault::DiskMove { disk, to } => {
+                let to = self.move_target(disk, to);
                 if self.disks[disk].node().is_none() {
                     let fault = if to == disk {
                         "disk-replug"
@@ -721,6 +913,18 @@ impl World {
         self.ck.log("healing: every fault ends now");
         self.net.heal_all();
         self.net.set_params(self.calm);
+        if self.bounded() {
+            // Moving a disk home is one more loss: not while a resync has parity untrusted.
+            let since = tokio::time::Instant::now();
+            while self
+                .ck
+                .topology()
+                .is_some_and(|t| t.phase() == Phase::Resync)
+                && since.elapsed() < Duration::from_secs(120)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         for d in 0..self.disks.len() {
             // The operator's part: a disk unplugged goes back home, and so does one moved to
             // a node that holds another disk too (two members of a volume cannot be served
