@@ -386,7 +386,7 @@ impl Disk {
             *self.ring_writes.lock() += 1;
             RingWrite(self)
         };
-        ring.write_at(&file, AlignedBuf::copy_of(&data), at)
+        ring.write_at(&file, AlignedBuf::from_bytes(data), at)
             .await
             .map_err(|e| self.device_err("write", at, e))
     }

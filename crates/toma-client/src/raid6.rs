@@ -19,12 +19,44 @@ fn codec_error(what: &str, e: reed_solomon_simd::Error) -> ClientError {
 }
 
 /// P and Q of `data` (k shards of one length, even and non-zero).
+///
+/// Each thread keeps one encoder and reuses its working space (a new one per stripe
+/// allocated and faulted in that space every time); P and Q come back in one allocation.
 pub fn encode(data: &[&[u8]]) -> Result<(Bytes, Bytes), ClientError> {
-    let mut parity = reed_solomon_simd::encode(data.len(), 2, data.iter().copied())
-        .map_err(|e| codec_error("encode", e))?;
-    let q = parity.pop().unwrap_or_default();
-    let p = parity.pop().unwrap_or_default();
-    Ok((Bytes::from(p), Bytes::from(q)))
+    use reed_solomon_simd::ReedSolomonEncoder;
+    use std::cell::RefCell;
+    thread_local! {
+        static ENCODER: RefCell<Option<ReedSolomonEncoder>> = const { RefCell::new(None) };
+    }
+    let len = data.first().map_or(0, |d| d.len());
+    ENCODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let enc = match slot.as_mut() {
+            Some(enc) => {
+                enc.reset(data.len(), 2, len)
+                    .map_err(|e| codec_error("encode", e))?;
+                enc
+            }
+            None => slot.insert(
+                ReedSolomonEncoder::new(data.len(), 2, len)
+                    .map_err(|e| codec_error("encode", e))?,
+            ),
+        };
+        for d in data {
+            enc.add_original_shard(d)
+                .map_err(|e| codec_error("encode", e))?;
+        }
+        let result = enc.encode().map_err(|e| codec_error("encode", e))?;
+        let mut pq = Vec::with_capacity(2 * len);
+        for i in 0..2 {
+            let shard = result.recovery(i).ok_or_else(|| {
+                ClientError::Protocol(format!("RAID6 encode: no recovery shard {i}"))
+            })?;
+            pq.extend_from_slice(shard);
+        }
+        let pq = Bytes::from(pq);
+        Ok((pq.slice(..len), pq.slice(len..)))
+    })
 }
 
 /// The k data shards from any k of the k + 2 shards (`(shard index, bytes)`, all one length).

@@ -203,7 +203,12 @@ impl Ring {
             .map_err(|_| io::Error::other("one request is limited to 4 GiB"))?;
         let at = offset + done as u64;
         let fd = types::Fd(file.as_fd().as_raw_fd());
-        let ptr = buf.as_mut_ptr().wrapping_add(done);
+        // The kernel writes into a read's buffer (owned, copied first if it was shared
+        // bytes) and only reads a write's.
+        let ptr = match op {
+            Op::Read => buf.as_mut_ptr().wrapping_add(done).cast_const(),
+            Op::Write => buf.as_ptr().wrapping_add(done),
+        };
         let shared = &*self.shared;
         let mut st = shared.state.lock();
         if let Some(why) = &st.broken {
@@ -228,10 +233,10 @@ impl Ring {
             }
         };
         let entry = match op {
-            Op::Read => opcode::Read::new(fd, ptr, len).offset(at).build(),
-            Op::Write => opcode::Write::new(fd, ptr.cast_const(), len)
+            Op::Read => opcode::Read::new(fd, ptr.cast_mut(), len)
                 .offset(at)
                 .build(),
+            Op::Write => opcode::Write::new(fd, ptr, len).offset(at).build(),
         }
         .user_data(id as u64);
         loop {

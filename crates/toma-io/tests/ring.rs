@@ -190,3 +190,51 @@ async fn more_requests_in_flight_than_the_completion_queue_holds() {
         assert_eq!(got[..], pattern(b)[..], "block {b}");
     }
 }
+
+/// Bytes that start at an aligned address go to an `O_DIRECT` write as they are (no copy),
+/// others are copied; a borrowed buffer written to becomes a copy, and the bytes it came from
+/// stay as they were.
+#[tokio::test]
+async fn aligned_bytes_are_written_without_a_copy() {
+    let (_dir, path, _) = disk_file(4);
+    let file = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .expect("open O_DIRECT"),
+    );
+    let ring = Ring::new().expect("io_uring is available here");
+    let aligned = pattern(1).into_bytes();
+    assert_eq!(aligned.as_ptr().align_offset(ALIGN), 0);
+    let buf = AlignedBuf::from_bytes(aligned.clone());
+    assert!(buf.is_borrowed_bytes());
+    assert_eq!(buf[..].as_ptr(), aligned.as_ptr());
+    ring.write_at(&file, buf, ALIGN as u64)
+        .await
+        .expect("an O_DIRECT write from borrowed bytes");
+    let back = ring
+        .read_at(&file, AlignedBuf::zeroed(ALIGN), ALIGN as u64)
+        .await
+        .expect("read");
+    assert_eq!(back[..], aligned[..]);
+
+    // Not aligned: copied into an aligned buffer, same bytes.
+    let mut two = pattern(2).to_vec();
+    two.insert(0, 0xEE);
+    let unaligned = bytes::Bytes::from(two).slice(1..);
+    let copy = AlignedBuf::from_bytes(unaligned.clone());
+    assert!(!copy.is_borrowed_bytes());
+    assert_eq!(copy[..], unaligned[..]);
+    ring.write_at(&file, copy, 2 * ALIGN as u64)
+        .await
+        .expect("an O_DIRECT write from the copy");
+
+    // Written to, a borrowed buffer becomes a copy of its own.
+    let mut mine = AlignedBuf::from_bytes(aligned.clone());
+    mine[0] ^= 0xFF;
+    assert!(!mine.is_borrowed_bytes());
+    assert_ne!(mine[0], aligned[0]);
+    assert_eq!(aligned[..], pattern(1)[..]);
+}

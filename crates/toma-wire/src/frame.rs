@@ -234,6 +234,39 @@ pub fn decode_frame(buf: &[u8]) -> Result<Frame, WireError> {
     finish(header, payload)
 }
 
+/// Where a `WRITE` frame's data starts: after the header and the 8-byte offset. A reader
+/// that lands this byte on an aligned address hands the data to `O_DIRECT` without a copy.
+pub const WRITE_DATA_AT: usize = HEADER_LEN + 8;
+
+/// The length of the `WRITE` frame `buf` starts with (its header complete and valid), or
+/// `None` (another kind, or a header not complete or invalid: [`decode_from`] says which).
+pub fn write_frame_len(buf: &[u8]) -> Option<usize> {
+    let header = decode_header(buf).ok()?;
+    (header.kind == Kind::Write).then(|| header.frame_len())
+}
+
+/// Decodes exactly one frame that fills `frame`, sharing its memory (no copy of the data).
+pub fn decode_frame_bytes(frame: Bytes) -> Result<Frame, WireError> {
+    let header = decode_header(&frame)?;
+    let total = header.frame_len();
+    if frame.len() != total {
+        return Err(if frame.len() < total {
+            WireError::Truncated {
+                what: "frame payload",
+                need: total,
+                have: frame.len(),
+            }
+        } else {
+            WireError::TrailingBytes {
+                kind: "frame",
+                extra: frame.len() - total,
+            }
+        });
+    }
+    check_crc(&header, &frame[..HEADER_LEN], &frame[HEADER_LEN..])?;
+    finish(header, frame.slice(HEADER_LEN..))
+}
+
 /// Stream decoding: if `buf` starts with a complete frame, removes it from `buf` and returns
 /// it (bulk data shares `buf`'s memory, no copy). `Ok(None)`: more bytes are needed; by then
 /// the header has been checked and `buf` has room reserved for the rest of the frame.

@@ -280,3 +280,115 @@ async fn tcp_carries_a_full_chunk_write() {
     .await
     .expect("deadline");
 }
+
+/// WRITEs of every size arrive whole, however the stream cuts them (pieces of odd sizes,
+/// small frames between the writes), and one longer than a read of the stream has its data
+/// at an address `O_DIRECT` accepts (the agent writes it without a copy). One with a corrupt
+/// checksum closes the connection.
+#[tokio::test]
+async fn a_large_write_arrives_with_its_data_aligned_however_the_stream_cuts_it() {
+    timeout(DEADLINE, async {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut conn = Conn::from_stream(a, "test");
+        let mut frames = Vec::new();
+        for (i, len) in [4096usize, 65536, 8192 + 4096, 1 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Bytes = (0..len)
+                .map(|j| (j * 7 + i) as u8)
+                .collect::<Vec<u8>>()
+                .into();
+            let id = 2 * i as u64 + 1;
+            frames.push(Frame::new(
+                id,
+                VOL,
+                1,
+                Message::Write {
+                    offset: 4096 * id,
+                    data,
+                },
+            ));
+            frames.push(Frame::new(id + 1, VOL, 1, Message::Lock { unit: id }));
+        }
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend_from_slice(&f.to_bytes().unwrap());
+        }
+        let writer = tokio::spawn(async move {
+            for (n, piece) in stream.chunks(1000 + 4093).enumerate() {
+                // Cut each piece once more at a place that moves with n.
+                let cut = (n * 37) % piece.len();
+                b.write_all(&piece[..cut]).await.unwrap();
+                b.write_all(&piece[cut..]).await.unwrap();
+            }
+            b
+        });
+        for want in &frames {
+            let got = conn.recv().await.unwrap();
+            assert_eq!(&got, want);
+            // A write whose frame is whole in the read buffer when its header is seen is
+            // decoded from there (the agent copies it); one longer than a read is aligned.
+            if let Message::Write { data, .. } = &got.msg {
+                if data.len() < 1 << 20 {
+                    continue;
+                }
+                assert_eq!(
+                    data.as_ptr().align_offset(4096),
+                    0,
+                    "the data of write {} is not aligned",
+                    got.request_id
+                );
+            }
+        }
+        let mut b = writer.await.unwrap();
+        // A large write whose checksum does not match: refused, the connection closed.
+        let bad = Frame::new(
+            99,
+            VOL,
+            1,
+            Message::Write {
+                offset: 0,
+                data: Bytes::from(vec![1u8; 65536]),
+            },
+        );
+        let mut raw = BytesMut::from(&bad.to_bytes().unwrap()[..]);
+        let last = raw.len() - 1;
+        raw[last] ^= 0xff;
+        b.write_all(&raw).await.unwrap();
+        let e = conn.recv().await.unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    })
+    .await
+    .expect("deadline");
+}
+
+/// A stream that ends in the middle of a large WRITE is reported as truncated.
+#[tokio::test]
+async fn a_stream_ending_inside_a_large_write_is_reported() {
+    timeout(DEADLINE, async {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut conn = Conn::from_stream(a, "test");
+        let w = Frame::new(
+            1,
+            VOL,
+            1,
+            Message::Write {
+                offset: 0,
+                data: Bytes::from(vec![3u8; 65536]),
+            },
+        )
+        .to_bytes()
+        .unwrap();
+        b.write_all(&w[..40_000]).await.unwrap();
+        b.shutdown().await.unwrap();
+        let e = conn.recv().await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("truncated frame at end of stream: need 65592 bytes, have 40000"),
+            "{e}"
+        );
+    })
+    .await
+    .expect("deadline");
+}

@@ -4,14 +4,16 @@
 use std::io::IoSlice;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use toma_core::VolumeId;
 
 use super::{Conn, ConnError, Shared};
 use crate::error::WireError;
-use crate::frame::{decode_from, EncodedFrame, Frame};
+use crate::frame::{
+    decode_frame_bytes, decode_from, write_frame_len, EncodedFrame, Frame, WRITE_DATA_AT,
+};
 use crate::message::{ErrorCode, Message};
 
 /// Frames queued in each direction before senders (or the socket reader) wait.
@@ -23,6 +25,10 @@ const MAX_BATCH_FRAMES: usize = 256;
 const MAX_IOVECS: usize = 512;
 /// Room kept free in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
+/// A `WRITE` frame with at least this much data is read into a buffer of its own, laid out
+/// so that the data starts at a multiple of this (`O_DIRECT`'s alignment): the agent writes
+/// it to disk without copying it.
+const DATA_ALIGN: usize = 4096;
 
 pub(crate) fn spawn<R, W>(read: R, write: W, peer: String) -> Conn
 where
@@ -47,6 +53,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let reason = loop {
         // Every complete frame in the buffer first.
         let decoded = loop {
+            if large_write_pending(&buf).is_some() {
+                // Not into `buf` (decode_from would grow it for the whole frame).
+                break Ok(());
+            }
             match decode_from(&mut buf) {
                 Ok(Some(frame)) => {
                     if let (0, Message::Error { code, message }) = (frame.request_id, &frame.msg) {
@@ -67,6 +77,27 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         if let Err(reason) = decoded {
             break reason;
+        }
+        // The head of the buffer is the start of a large WRITE: read it whole into an
+        // aligned buffer of its own.
+        if let Some(total) = large_write_pending(&buf) {
+            let frame = tokio::select! {
+                biased;
+                _ = closing.wait_for(|c| *c) => return,
+                f = read_aligned_write(&mut read, &mut buf, total) => f,
+            };
+            match frame {
+                Ok(frame) => {
+                    if tx.send(Ok(frame)).await.is_err() {
+                        break ConnError::Closed;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %shared.peer, "closing connection: {e}");
+                    break e;
+                }
+            }
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
@@ -94,6 +125,45 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared.close(reason.clone());
     // Deliver the reason unless the receiver is gone (a full queue is waited for).
     let _ = tx.send(Err(shared.reason())).await;
+}
+
+/// The length of the `WRITE` frame with at least [`DATA_ALIGN`] bytes of data that `buf`
+/// holds the start of but not the whole.
+fn large_write_pending(buf: &[u8]) -> Option<usize> {
+    write_frame_len(buf).filter(|&total| total >= WRITE_DATA_AT + DATA_ALIGN && buf.len() < total)
+}
+
+/// Reads the rest of the `WRITE` frame of `total` bytes that `buf` holds the start of (all
+/// of `buf`: less than the frame) into a new buffer, placed so that the frame's data starts
+/// at an address aligned to [`DATA_ALIGN`], and decodes it (the data shares that buffer).
+async fn read_aligned_write<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    total: usize,
+) -> Result<Frame, ConnError> {
+    let mut v: Vec<u8> = Vec::with_capacity(total + DATA_ALIGN);
+    let pad = v
+        .as_ptr()
+        .wrapping_add(WRITE_DATA_AT)
+        .align_offset(DATA_ALIGN)
+        .min(DATA_ALIGN - 1);
+    let end = pad + total;
+    // Within the capacity from here on: the allocation does not move.
+    v.resize(pad, 0);
+    v.extend_from_slice(buf);
+    buf.clear();
+    while v.len() < end {
+        let want = end - v.len();
+        let n = read.read_buf(&mut (&mut v).limit(want)).await?;
+        if n == 0 {
+            return Err(ConnError::Malformed(WireError::Truncated {
+                what: "frame at end of stream",
+                need: total,
+                have: v.len() - pad,
+            }));
+        }
+    }
+    decode_frame_bytes(Bytes::from(v).slice(pad..)).map_err(ConnError::Malformed)
 }
 
 /// How many bytes the partial frame at the head of `buf` needs.
