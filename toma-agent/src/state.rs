@@ -165,14 +165,10 @@ impl LockTable {
     pub fn unlock(&self, unit: u64, client: ClientId) -> Result<(), StateError> {
         self.check_unit(unit)?;
         self.check_client(client)?;
-        let mut shard = self.shard(unit).lock();
-        match shard.get(&unit) {
-            Some(&holder) if holder == client => {
-                shard.remove(&unit);
-                self.intents.lock().remove(&unit);
-                Ok(())
-            }
-            _ => Err(StateError::NotHeld { unit, client }),
+        if self.release_if_held_by(unit, client) {
+            Ok(())
+        } else {
+            Err(StateError::NotHeld { unit, client })
         }
     }
 

@@ -348,6 +348,30 @@ async fn half_write_after_one_loss(
     }
 }
 
+/// Six agents (a short reconnect grace) and a RAID6 volume `name` written whole, then left
+/// as [`half_write_after_one_loss`] leaves it (`tag` marks the half write's bytes).
+async fn half_written(
+    name: &str,
+    tag: u64,
+) -> (
+    tempfile::TempDir,
+    LocalCluster,
+    VolumeId,
+    VolumeClient,
+    Vec<u8>,
+    HalfWrite,
+) {
+    let timers = toma_agent::local::LocalTimers {
+        reconnect_grace: std::time::Duration::from_millis(500),
+        ..toma_agent::local::LocalTimers::default()
+    };
+    let (dir, mut c) = cluster_with(6, timers).await;
+    let (id, cl, mut model) = raid6_volume(&c, name).await;
+    write(&cl, &mut model, 1, 0, SIZE as usize).await;
+    let h = half_write_after_one_loss(&mut c, id, &cl, &mut model, tag).await;
+    (dir, c, id, cl, model, h)
+}
+
 /// The lock table survives its member (DESIGN §7): the client of [`half_write_after_one_loss`]
 /// dies together with the lock place's server. The second lock member — the place once the
 /// first is DEAD — still holds the lock and the intent, and its stale-lock recovery rolls the
@@ -356,14 +380,7 @@ async fn half_write_after_one_loss(
 /// death took the lock and the intent with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
-    let timers = toma_agent::local::LocalTimers {
-        reconnect_grace: std::time::Duration::from_millis(500),
-        ..toma_agent::local::LocalTimers::default()
-    };
-    let (_dir, mut c) = cluster_with(6, timers).await;
-    let (id, cl, mut model) = raid6_volume(&c, "r6-lock-place").await;
-    write(&cl, &mut model, 1, 0, SIZE as usize).await;
-    let h = half_write_after_one_loss(&mut c, id, &cl, &mut model, 77).await;
+    let (_dir, mut c, id, cl, mut model, h) = half_written("r6-lock-place", 77).await;
     c.kill_agent(h.place_node);
     for (_, r) in &h.raws {
         r.close();
@@ -395,14 +412,7 @@ async fn a_half_written_stripe_is_recovered_after_its_lock_place_dies() {
 /// decoded from the torn stripe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_stripe_is_recovered_when_its_lock_place_restarts() {
-    let timers = toma_agent::local::LocalTimers {
-        reconnect_grace: std::time::Duration::from_millis(500),
-        ..toma_agent::local::LocalTimers::default()
-    };
-    let (_dir, mut c) = cluster_with(6, timers).await;
-    let (id, cl, mut model) = raid6_volume(&c, "r6-place-restart").await;
-    write(&cl, &mut model, 1, 0, SIZE as usize).await;
-    let h = half_write_after_one_loss(&mut c, id, &cl, &mut model, 78).await;
+    let (_dir, mut c, id, cl, mut model, h) = half_written("r6-place-restart", 78).await;
     c.kill_agent(h.place_node);
     c.start_agent(h.place_node)
         .await

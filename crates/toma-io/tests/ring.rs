@@ -29,6 +29,18 @@ fn disk_file(blocks: u64) -> (tempfile::TempDir, std::path::PathBuf, Arc<std::fs
     (dir, path, Arc::new(file))
 }
 
+/// `path` opened again with O_DIRECT.
+fn open_direct(path: &std::path::Path) -> Arc<std::fs::File> {
+    Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .expect("open O_DIRECT"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_and_reads_round_trip() {
     let blocks = 512u64;
@@ -158,14 +170,7 @@ async fn more_requests_in_flight_than_the_completion_queue_holds() {
     let blocks = 4096u64;
     let (_dir, path, _) = disk_file(blocks);
     // O_DIRECT, so that completions arrive later from the device, not during the submit.
-    let file = Arc::new(
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(&path)
-            .expect("open O_DIRECT"),
-    );
+    let file = open_direct(&path);
     let ring = Arc::new(Ring::new().expect("io_uring is available here"));
     let writes = (0..blocks).map(|b| {
         let (ring, file) = (ring.clone(), file.clone());
@@ -197,14 +202,7 @@ async fn more_requests_in_flight_than_the_completion_queue_holds() {
 #[tokio::test]
 async fn aligned_bytes_are_written_without_a_copy() {
     let (_dir, path, _) = disk_file(4);
-    let file = Arc::new(
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(&path)
-            .expect("open O_DIRECT"),
-    );
+    let file = open_direct(&path);
     let ring = Ring::new().expect("io_uring is available here");
     let aligned = pattern(1).into_bytes();
     assert_eq!(aligned.as_ptr().align_offset(ALIGN), 0);

@@ -99,7 +99,8 @@ fn is_io(kind: Kind) -> bool {
     )
 }
 
-fn node_index(n: &NodeId) -> Option<usize> {
+/// The storage node a member is on (`n{i}`).
+pub(crate) fn node_index(n: &NodeId) -> Option<usize> {
     n.0.strip_prefix('n')?.parse().ok()
 }
 

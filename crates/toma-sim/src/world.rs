@@ -18,7 +18,7 @@ use toma_client::{ClientConfig, VolumeClient};
 use toma_control::{Clock, ControlPlane, EmbeddedControlPlane, Leader, LeaderConfig, VolumeRecord};
 use toma_core::{DiskId, Layout, Mutations, NodeId, Phase, Role, Topology, VolumeId, VolumeSpec};
 
-use crate::checker::Checker;
+use crate::checker::{node_index, Checker};
 use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::net::{LinkParams, SimNet};
@@ -112,11 +112,6 @@ struct World {
 
 fn node_name(i: usize) -> NodeId {
     NodeId(format!("n{i}"))
-}
-
-/// The storage node a member is on (`n{i}`).
-fn node_index(n: &NodeId) -> Option<usize> {
-    n.0.strip_prefix('n').and_then(|i| i.parse().ok())
 }
 
 impl Mutation {
@@ -1039,12 +1034,7 @@ impl World {
         let agents = self.ck.agents.lock().clone();
         let mut contents: Vec<(usize, Vec<u8>)> = Vec::new();
         for (i, m) in t.members.iter().enumerate() {
-            let node = m
-                .node
-                .0
-                .strip_prefix('n')
-                .and_then(|s| s.parse::<usize>().ok());
-            let hosted = node
+            let hosted = node_index(&m.node)
                 .and_then(|n| agents.get(n).cloned().flatten())
                 .and_then(|a| {
                     a.members()

@@ -197,17 +197,22 @@ async fn a_corrupted_frame_is_refused_and_the_sender_learns_why() {
     .expect("deadline");
 }
 
+/// The error a connection reports for a stream that ends after the first `cut` bytes of
+/// `frame`.
+async fn error_of_a_stream_cut_short(frame: Frame, cut: usize) -> ConnError {
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let mut conn = Conn::from_stream(a, "test");
+    let bytes = frame.to_bytes().unwrap();
+    b.write_all(&bytes[..cut]).await.unwrap();
+    b.shutdown().await.unwrap();
+    conn.recv().await.unwrap_err()
+}
+
 #[tokio::test]
 async fn truncated_stream_is_reported() {
     timeout(DEADLINE, async {
-        let (a, mut b) = tokio::io::duplex(4096);
-        let mut conn = Conn::from_stream(a, "test");
-        let good = Frame::new(3, VOL, 1, Message::Lock { unit: 7 })
-            .to_bytes()
-            .unwrap();
-        b.write_all(&good[..30]).await.unwrap();
-        b.shutdown().await.unwrap();
-        let e = conn.recv().await.unwrap_err();
+        let e =
+            error_of_a_stream_cut_short(Frame::new(3, VOL, 1, Message::Lock { unit: 7 }), 30).await;
         assert!(
             e.to_string()
                 .contains("truncated frame at end of stream: need 48 bytes, have 30"),
@@ -367,8 +372,6 @@ async fn a_large_write_arrives_with_its_data_aligned_however_the_stream_cuts_it(
 #[tokio::test]
 async fn a_stream_ending_inside_a_large_write_is_reported() {
     timeout(DEADLINE, async {
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let mut conn = Conn::from_stream(a, "test");
         let w = Frame::new(
             1,
             VOL,
@@ -377,12 +380,8 @@ async fn a_stream_ending_inside_a_large_write_is_reported() {
                 offset: 0,
                 data: Bytes::from(vec![3u8; 65536]),
             },
-        )
-        .to_bytes()
-        .unwrap();
-        b.write_all(&w[..40_000]).await.unwrap();
-        b.shutdown().await.unwrap();
-        let e = conn.recv().await.unwrap_err();
+        );
+        let e = error_of_a_stream_cut_short(w, 40_000).await;
         assert!(
             e.to_string()
                 .contains("truncated frame at end of stream: need 65592 bytes, have 40000"),

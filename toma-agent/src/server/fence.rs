@@ -164,7 +164,7 @@ async fn recover(agent: &Arc<AgentInner>, m: &Arc<Member>, client: ClientId) {
                     }
                 }
             }
-            let intent = rt.locks.intent(unit, client).map(|i| (i.column, i.data));
+            let intent = rt.locks.intent(unit, client);
             if copy_stale(&local, m, &t, unit, me, intent).await {
                 for l in locks(&t, unit) {
                     if l == me {
@@ -219,7 +219,6 @@ async fn recover_taken_over(
     intent: Option<crate::state::Intent>,
 ) {
     let mut t = Arc::new(t0.clone());
-    let intent = intent.map(|i| (i.column, i.data));
     loop {
         if !locks(&t, unit).contains(&me) {
             return;
@@ -253,7 +252,7 @@ async fn copy_stale(
     t: &toma_core::Topology,
     unit: u64,
     me: usize,
-    intent: Option<(u32, bytes::Bytes)>,
+    intent: Option<crate::state::Intent>,
 ) -> bool {
     let to = recovery_targets(t, unit, me);
     if let Some(d) = sets_dirty(t, unit) {
@@ -276,7 +275,13 @@ async fn copy_stale(
         return true;
     }
     match local
-        .copy_unit(t, unit, me, &to, CopyHow::recovery(intent))
+        .copy_unit(
+            t,
+            unit,
+            me,
+            &to,
+            CopyHow::recovery(intent.map(|i| (i.column, i.data))),
+        )
         .await
     {
         Ok(_) => true,

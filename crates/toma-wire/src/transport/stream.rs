@@ -52,10 +52,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let reason = loop {
         // Every complete frame in the buffer first.
+        // Ok(Some(total)): the head of the buffer is the start of a large WRITE of `total`
+        // bytes, to be read whole into an aligned buffer of its own (not into `buf`:
+        // decode_from would grow it for the whole frame).
         let decoded = loop {
-            if large_write_pending(&buf).is_some() {
-                // Not into `buf` (decode_from would grow it for the whole frame).
-                break Ok(());
+            if let Some(total) = large_write_pending(&buf) {
+                break Ok(Some(total));
             }
             match decode_from(&mut buf) {
                 Ok(Some(frame)) => {
@@ -68,19 +70,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         break Err(ConnError::Closed);
                     }
                 }
-                Ok(None) => break Ok(()),
+                Ok(None) => break Ok(None),
                 Err(e) => {
                     tracing::warn!(peer = %shared.peer, "closing connection: malformed frame: {e}");
                     break Err(ConnError::Malformed(e));
                 }
             }
         };
-        if let Err(reason) = decoded {
-            break reason;
-        }
-        // The head of the buffer is the start of a large WRITE: read it whole into an
-        // aligned buffer of its own.
-        if let Some(total) = large_write_pending(&buf) {
+        let large_write = match decoded {
+            Ok(w) => w,
+            Err(reason) => break reason,
+        };
+        if let Some(total) = large_write {
             let frame = tokio::select! {
                 biased;
                 _ = closing.wait_for(|c| *c) => return,
